@@ -1,0 +1,52 @@
+# Entry points for users and CI. The first target run on a fresh machine
+# creates the virtual environment in $(VENV) and installs the package.
+
+PYTHON_BOOT ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Folder with the publisher's raw files of the dataset being trained.
+DATA ?=
+# Where checkpoints and metrics.jsonl go; rerunning resumes from there.
+WORKDIR ?= workdirs/$(DATASET)
+# Extra flags, e.g. ARGS='--config.num_epochs=1'.
+ARGS ?=
+
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install train-mnist train-cifar10 test lint format constraints clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+train-mnist: DATASET = mnist
+train-mnist: $(INSTALLED)
+	$(PY) -m pinet_jax.main --config experiments/mnist.py \
+	  --workdir $(WORKDIR) --config.data_dir='$(DATA)' $(ARGS)
+
+train-cifar10: DATASET = cifar10
+train-cifar10: $(INSTALLED)
+	$(PY) -m pinet_jax.main --config experiments/cifar10.py \
+	  --workdir $(WORKDIR) --config.data_dir='$(DATA)' $(ARGS)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+constraints: $(INSTALLED)
+	$(PY) -m pip freeze --exclude-editable > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

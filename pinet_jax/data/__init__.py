@@ -1,0 +1,1 @@
+"""Datasets: raw MNIST and CIFAR-10 readers, tfds builders, input pipeline."""

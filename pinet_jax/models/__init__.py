@@ -1,0 +1,55 @@
+"""Polynomial network models, importable without TensorFlow.
+
+`get_model(name, **kwargs)` builds a registered model by name, as the
+training configs do; the classes are exported for direct use.
+"""
+
+from collections.abc import Callable
+
+from flax import linen as nn
+
+from pinet_jax.models.initializers import SCHEMES as INIT_SCHEMES
+from pinet_jax.models.initializers import layer_init
+from pinet_jax.models.polynet import POLYNET_BLOCKS, BlockSpec, PolyNet
+from pinet_jax.models.product_block import (
+  ProductBlock,
+  block_output_sizes,
+  conv_output_size,
+)
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+  'polynet': PolyNet,
+}
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+  """Build the registered model `name` with constructor arguments `kwargs`.
+
+  Raises:
+    ValueError: `name` is not registered.
+  """
+  if name not in MODELS:
+    raise ValueError(
+      f'unknown model {name!r}; registered models: {sorted(MODELS)}'
+    )
+  return MODELS[name](**kwargs)
+
+
+def list_models() -> list[str]:
+  """Return the registered model names, sorted."""
+  return sorted(MODELS)
+
+
+__all__ = [
+  'INIT_SCHEMES',
+  'MODELS',
+  'POLYNET_BLOCKS',
+  'BlockSpec',
+  'PolyNet',
+  'ProductBlock',
+  'block_output_sizes',
+  'conv_output_size',
+  'get_model',
+  'layer_init',
+  'list_models',
+]

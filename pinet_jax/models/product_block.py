@@ -1,0 +1,166 @@
+"""The product block, the only nonlinearity of a Π-net.
+
+A product block applies two convolutions with identical hyperparameters to
+the same input and multiplies their outputs element-wise (a Hadamard
+product). Stacking k blocks makes the output a polynomial of degree 2^k in
+the input, with no activation function anywhere.
+
+The block can compute its two convolutions in several mathematically equal
+ways (`FORMULATIONS`); all of them read the same parameters, stored as two
+standard Flax convolutions, so checkpoints do not depend on the choice.
+
+References:
+  Chrysos, Moschoglou, Bouritsas, Panagakis, Deng, Zafeiriou. "Π-nets: Deep
+  Polynomial Neural Networks". CVPR 2020. arXiv:2003.03828.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from pinet_jax.models import initializers
+
+# 'plain': two convolutions. 'fused': one convolution with both kernels
+# concatenated along the output channels, then split. 'im2col': gather the
+# kernel-sized patches once and multiply them by both kernels in one matrix
+# product; XLA:CPU computes its gradients much faster than a strided
+# convolution's.
+FORMULATIONS = ('plain', 'fused', 'im2col')
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+  """Return a convolution's output size along one spatial axis.
+
+  PyTorch's formula for symmetric padding: floor((size + 2p - k) / s) + 1.
+  """
+  return (size + 2 * padding - kernel) // stride + 1
+
+
+def block_output_sizes(
+  image_size: int, specs: Sequence[tuple[int, int, int]]
+) -> list[int]:
+  """Return the spatial size after each block of (kernel, stride, padding)."""
+  sizes = []
+  for kernel, stride, padding in specs:
+    image_size = conv_output_size(image_size, kernel, stride, padding)
+    sizes.append(image_size)
+  return sizes
+
+
+class ConvParams(nn.Module):
+  """The kernel and bias of one convolution, laid out as `nn.Conv`'s.
+
+  Attributes:
+    shape: kernel shape (kh, kw, in_channels, out_channels).
+    init: initialisers for this layer's fan-in.
+  """
+
+  shape: tuple[int, int, int, int]
+  init: initializers.LayerInit
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', self.init.kernel, self.shape)
+    bias = self.param('bias', self.init.bias, self.shape[-1:])
+    return kernel, bias
+
+
+def _conv(
+  x: jax.Array, kernel: jax.Array, strides: int, padding: int
+) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(strides, strides),
+    padding=[(padding, padding)] * 2,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+
+
+def _patches(x: jax.Array, size: int, strides: int, padding: int):
+  """Return the (size x size) patches of `x` as rows of a matrix.
+
+  Shape (batch, out_h, out_w, size * size * channels), ordered (kh, kw, c)
+  like a flattened HWIO kernel, so `patches @ kernel.reshape(-1, out)` is
+  the convolution.
+  """
+  x = jnp.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+  out_h = conv_output_size(x.shape[1], size, strides, 0)
+  out_w = conv_output_size(x.shape[2], size, strides, 0)
+  slices = [
+    x[
+      :,
+      row : row + strides * (out_h - 1) + 1 : strides,
+      col : col + strides * (out_w - 1) + 1 : strides,
+      :,
+    ]
+    for row in range(size)
+    for col in range(size)
+  ]
+  return jnp.concatenate(slices, axis=-1)
+
+
+class ProductBlock(nn.Module):
+  """Two parallel convolutions of one input, multiplied element-wise.
+
+  Attributes:
+    features: output channels of each convolution.
+    kernel_size: square kernel side.
+    strides: stride along both spatial axes.
+    padding: zeros added on every side, as PyTorch's `padding=p`.
+    init_scheme: initialisation scheme, a key of `initializers.SCHEMES`.
+    formulation: how to compute the convolutions, one of `FORMULATIONS`;
+      every choice gives the same function of the same parameters.
+    dtype: computation dtype; None keeps the input's.
+  """
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  init_scheme: str = 'pytorch'
+  formulation: str = 'plain'
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Apply the block.
+
+    Args:
+      x: images, shape (batch, height, width, in_channels).
+
+    Returns:
+      Shape (batch, height', width', features), where height' and width'
+      follow `conv_output_size`; each entry is a degree-2 polynomial of x.
+    """
+    if self.formulation not in FORMULATIONS:
+      raise ValueError(
+        f'unknown formulation {self.formulation!r}; choose one of '
+        f'{list(FORMULATIONS)}'
+      )
+    in_channels = x.shape[-1]
+    shape = (self.kernel_size, self.kernel_size, in_channels, self.features)
+    init = initializers.layer_init(
+      self.init_scheme, in_channels * self.kernel_size**2
+    )
+    (kernel_1, bias_1), (kernel_2, bias_2) = (
+      ConvParams(shape, init, name=name)() for name in ('conv_1', 'conv_2')
+    )
+    x, kernel_1, bias_1, kernel_2, bias_2 = nn.dtypes.promote_dtype(
+      x, kernel_1, bias_1, kernel_2, bias_2, dtype=self.dtype
+    )
+    if self.formulation == 'plain':
+      first = _conv(x, kernel_1, self.strides, self.padding) + bias_1
+      second = _conv(x, kernel_2, self.strides, self.padding) + bias_2
+      return first * second
+    kernel = jnp.concatenate([kernel_1, kernel_2], axis=-1)
+    bias = jnp.concatenate([bias_1, bias_2])
+    if self.formulation == 'fused':
+      both = _conv(x, kernel, self.strides, self.padding)
+    else:
+      patches = _patches(x, self.kernel_size, self.strides, self.padding)
+      both = patches @ kernel.reshape(-1, 2 * self.features)
+    first, second = jnp.split(both + bias, 2, axis=-1)
+    return first * second

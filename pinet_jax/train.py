@@ -1,0 +1,388 @@
+"""The training loop: data, model, steps, logging and checkpoints together.
+
+`train_and_evaluate(config, workdir)` is the whole program behind the
+command line; tests call it directly.
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from pinet_jax import checkpoints, models, optim, progress, steps
+from pinet_jax import config as config_lib
+from pinet_jax.data import pipeline, sources
+from pinet_jax.errors import ConfigError
+
+
+class TrainingInterrupted(Exception):
+  """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+
+class StopRequest:
+  """Records SIGINT and SIGTERM so the loop stops at a step boundary.
+
+  The first signal sets `requested`; a second one raises KeyboardInterrupt
+  at once, for a user who does not want to wait for the checkpoint.
+  """
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    logging.warning(
+      'Received %s: stopping after this step and saving a checkpoint; '
+      'send it again to stop at once without saving.',
+      signal.Signals(signum).name,
+    )
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+  """Install a `StopRequest` for SIGINT and SIGTERM within the block."""
+  request = StopRequest()
+  previous = {
+    signum: signal.signal(signum, request)
+    for signum in (signal.SIGINT, signal.SIGTERM)
+  }
+  try:
+    yield request
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def evaluate(
+  eval_fn: Any,
+  state: steps.TrainState,
+  data: pipeline.SplitArrays,
+  config: ml_collections.ConfigDict,
+  normalization: pipeline.Normalization | None,
+) -> dict[str, float]:
+  """Return 'loss', 'accuracy' and 'count' over every example of `data`."""
+  totals = None
+  for batch in pipeline.eval_batches(
+    data, batch_size=config.eval_batch_size, normalization=normalization
+  ):
+    sums = eval_fn(state, batch)
+    # Adding on the device keeps the host from waiting for every batch.
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {
+    'loss': float(totals['loss_sum']) / count,
+    'accuracy': float(totals['correct']) / count,
+    'count': count,
+  }
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  return {
+    key: float(np.mean([metrics[key] for metrics in fetched]))
+    for key in fetched[0]
+  }
+
+
+def _build_model(config: ml_collections.ConfigDict, dataset: str):
+  num_classes, image_shape = sources.DATASET_SHAPES[dataset]
+  try:
+    return models.get_model(
+      config.model,
+      num_classes=num_classes,
+      in_channels=image_shape[-1],
+      **config.model_kwargs,
+    )
+  except TypeError as error:
+    raise ConfigError(
+      f'invalid --config.model_kwargs for model {config.model!r}: {error}'
+    ) from error
+
+
+def _parameter_count(params: Any) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs besides the state, built once per process."""
+
+  config: ml_collections.ConfigDict
+  train_data: pipeline.SplitArrays
+  eval_data: pipeline.SplitArrays
+  normalization: pipeline.Normalization | None
+  steps_per_epoch: int
+  total_steps: int
+  step_rng: jax.Array
+  manager: Any
+  metrics_file: progress.MetricsFile
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str):
+  """Load the data and build the initial state, restoring a checkpoint."""
+  config_lib.validate(config)
+  builder = sources.get_builder(config)
+  train_data = pipeline.load_split(builder, config.train_split)
+  eval_data = pipeline.load_split(builder, config.eval_split)
+  num_train = len(train_data.labels)
+  steps_per_epoch = pipeline.num_train_batches(num_train, config.batch_size)
+  if steps_per_epoch == 0:
+    raise ConfigError(
+      f'--config.batch_size={config.batch_size} is larger than the '
+      f'{num_train} examples of split {config.train_split!r}'
+    )
+  total_steps = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else config.num_epochs * steps_per_epoch
+  )
+  logging.info(
+    'Dataset %s: %d training examples (%s), %d evaluation examples (%s); '
+    '%d steps per epoch, %d steps in all.',
+    config.dataset,
+    num_train,
+    config.train_split,
+    len(eval_data.labels),
+    config.eval_split,
+    steps_per_epoch,
+    total_steps,
+  )
+
+  model = _build_model(config, config.dataset)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = steps.create_train_state(
+    model,
+    optim.create_optimizer(config, total_steps),
+    train_data.images.shape[1:],
+    init_rng,
+  )
+  logging.info(
+    'Model %s with %s parameters on %s.',
+    config.model,
+    f'{_parameter_count(state.params):,}',
+    jax.devices(),
+  )
+  manager = checkpoints.create_manager(
+    os.path.join(workdir, 'checkpoints'), config.keep_checkpoints
+  )
+  restored = checkpoints.restore_latest(manager, state, config)
+  if restored is not None:
+    state = restored
+    logging.info('Resuming at step %d of %d.', state.step, total_steps)
+  run = _Run(
+    config=config,
+    train_data=train_data,
+    eval_data=eval_data,
+    normalization=(
+      pipeline.normalization_of(train_data.images) if config.normalize else None
+    ),
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    step_rng=step_rng,
+    manager=manager,
+    metrics_file=progress.MetricsFile(os.path.join(workdir, 'metrics.jsonl')),
+  )
+  return run, state
+
+
+def _compile(function: Any, *args: Any, donate: bool = False):
+  """Compile `function` for `args` once, logging the time it took.
+
+  The loop calls the compiled executable, which raises on a shape it was
+  not compiled for instead of silently compiling again.
+  """
+  start = time.perf_counter()
+  jitted = jax.jit(function, donate_argnums=0 if donate else ())
+  compiled = jitted.lower(*args).compile()
+  logging.info(
+    'Compiled %s in %.1f s.', function.__name__, time.perf_counter() - start
+  )
+  return compiled
+
+
+def _log_train(
+  run: _Run,
+  step: int,
+  pending: list[dict[str, jax.Array]],
+  throughput: progress.Throughput,
+) -> None:
+  metrics = _mean_metrics(pending)
+  if not math.isfinite(metrics['loss']):
+    raise FloatingPointError(
+      f'training loss is {metrics["loss"]} at step {step}: the polynomial '
+      'overflowed; lower --config.learning_rate or change '
+      '--config.model_kwargs.init_scheme'
+    )
+  images_per_second, eta = throughput.report(step)
+  epoch = step / run.steps_per_epoch
+  logging.info(
+    '%s step %d/%d (epoch %.2f): train_loss %.4f, train_accuracy %.2f%%, '
+    '%.0f img/s, ETA %s',
+    progress.progress_bar(step, run.total_steps),
+    step,
+    run.total_steps,
+    epoch,
+    metrics['loss'],
+    100 * metrics['accuracy'],
+    images_per_second,
+    progress.format_duration(eta),
+  )
+  run.metrics_file.write(
+    {
+      'step': step,
+      'epoch': epoch,
+      'train_loss': metrics['loss'],
+      'train_accuracy': metrics['accuracy'],
+      'images_per_second': images_per_second,
+    }
+  )
+
+
+def _evaluate_and_log(
+  run: _Run, eval_fn: Any, state: steps.TrainState
+) -> dict[str, float]:
+  step = int(state.step)
+  start = time.perf_counter()
+  metrics = evaluate(
+    eval_fn, state, run.eval_data, run.config, run.normalization
+  )
+  logging.info(
+    'Step %d (epoch %.2f): eval_loss %.4f, eval_accuracy %.2f%% '
+    '(%d examples of %s, %.1f s)',
+    step,
+    step / run.steps_per_epoch,
+    metrics['loss'],
+    100 * metrics['accuracy'],
+    metrics['count'],
+    run.config.eval_split,
+    time.perf_counter() - start,
+  )
+  record = {
+    'step': step,
+    'epoch': step / run.steps_per_epoch,
+    'eval_loss': metrics['loss'],
+    'eval_accuracy': metrics['accuracy'],
+    'eval_count': metrics['count'],
+  }
+  run.metrics_file.write(record)
+  return record
+
+
+def _train(
+  run: _Run, state: steps.TrainState, stop: StopRequest
+) -> tuple[steps.TrainState, dict[str, float] | None]:
+  """Run the remaining steps; return the state and the last evaluation."""
+  config = run.config
+  step = int(state.step)
+  throughput = progress.Throughput(step, run.total_steps, config.batch_size)
+  train_fn = eval_fn = None
+  last_eval = None
+  while step < run.total_steps:
+    epoch, offset = divmod(step, run.steps_per_epoch)
+    batches = pipeline.train_batches(
+      run.train_data,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      start_batch=offset,
+      augment=config.augment,
+      normalization=run.normalization,
+    )
+    pending = []
+    remaining = min(run.steps_per_epoch - offset, run.total_steps - step)
+    for batch in itertools.islice(batches, remaining):
+      if train_fn is None:
+        train_fn = _compile(
+          steps.train_step, state, batch, run.step_rng, donate=True
+        )
+        throughput = progress.Throughput(
+          step, run.total_steps, config.batch_size
+        )
+      state, metrics = train_fn(state, batch, run.step_rng)
+      pending.append(metrics)
+      step += 1
+      if step % config.log_every_steps == 0:
+        _log_train(run, step, pending, throughput)
+        pending = []
+      if stop.requested:
+        checkpoints.save(run.manager, state, config)
+        raise TrainingInterrupted(
+          f'stopped at step {step}; the checkpoint is in '
+          f'{run.manager.directory}: rerun the same command to resume'
+        )
+    if eval_fn is None:
+      eval_fn = _compile(steps.eval_step, state, _eval_batch_example(run))
+    last_eval = _evaluate_and_log(run, eval_fn, state)
+    checkpoints.save(run.manager, state, config, last_eval)
+    # Restart the rate so that evaluation time does not lower the next
+    # report's img/s.
+    throughput = progress.Throughput(step, run.total_steps, config.batch_size)
+  return state, last_eval
+
+
+def _eval_batch_example(run: _Run) -> dict[str, np.ndarray]:
+  """Return one evaluation batch, whose shapes every batch shares."""
+  return next(
+    pipeline.eval_batches(
+      run.eval_data,
+      batch_size=run.config.eval_batch_size,
+      normalization=run.normalization,
+    )
+  )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
+  """Train on the config's dataset, evaluating and saving every epoch.
+
+  Rerunning with the same `workdir` resumes from its latest checkpoint; a
+  finished run only evaluates again.
+
+  Args:
+    config: see `pinet_jax.config.default_config`.
+    workdir: receives checkpoints/ and metrics.jsonl.
+
+  Returns:
+    The final evaluation: 'step', 'epoch', 'eval_loss', 'eval_accuracy' and
+    'eval_count' (examples evaluated).
+
+  Raises:
+    TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was saved.
+    pinet_jax.errors.UserInputError: invalid config, data or checkpoint.
+    FloatingPointError: the training loss became NaN or infinite.
+  """
+  run, state = _prepare(config, workdir)
+  try:
+    with stop_on_signals() as stop:
+      state, final = _train(run, state, stop)
+      if final is None:
+        eval_fn = jax.jit(steps.eval_step)
+        final = _evaluate_and_log(run, eval_fn, state)
+  finally:
+    run.manager.wait_until_finished()
+    run.manager.close()
+  logging.info(
+    'Final %s accuracy: %.2f%% at step %d; checkpoints in %s, metrics in %s',
+    config.eval_split,
+    100 * final['eval_accuracy'],
+    final['step'],
+    run.manager.directory,
+    run.metrics_file.path,
+  )
+  return final

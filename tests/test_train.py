@@ -1,0 +1,176 @@
+"""Training mechanics on real MNIST slices: steps, traces, eval, resume."""
+
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pinet_jax import checkpoints, models, optim, steps, train
+from pinet_jax.data import raw_files
+from pinet_jax.errors import ConfigError
+
+
+@pytest.fixture
+def tiny_config(prepared_mnist, mnist_dir, load_experiment):
+  """The tiny experiment, reading MNIST prepared once per session."""
+  config = load_experiment('tiny')
+  config.data_dir = str(mnist_dir)
+  # The builder's data_dir is <root>/local_mnist/<version>.
+  config.tfds_data_dir = str(Path(prepared_mnist.data_dir).parents[1])
+  return config
+
+
+def restore_state(workdir, config, seed=0):
+  """Restore the latest checkpoint in `workdir` into a fresh template."""
+  model = models.PolyNet(width=config.model_kwargs.width)
+  template = steps.create_train_state(
+    model,
+    optim.create_optimizer(config, total_steps=100),
+    (28, 28, 1),
+    jax.random.key(seed),
+  )
+  manager = checkpoints.create_manager(str(workdir / 'checkpoints'), 3)
+  try:
+    return template, checkpoints.restore_latest(manager, template, config)
+  finally:
+    manager.close()
+
+
+def test_train_step_lowers_loss_on_fixed_batch(mnist_dir):
+  images, labels = raw_files.load_mnist(mnist_dir, 'test')
+  batch = {
+    'image': jnp.asarray(images[:32] / 255.0, jnp.float32),
+    'label': jnp.asarray(labels[:32], jnp.int32),
+  }
+  model = models.PolyNet(width=4, formulation='im2col')
+  state = steps.create_train_state(
+    model, optax.adam(3e-3), (28, 28, 1), jax.random.key(0)
+  )
+  step_fn = jax.jit(steps.train_step)
+  losses = []
+  for _ in range(40):
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 40
+  # A degree-32 polynomial starts with logits near zero (loss ln 10) and
+  # needs some steps to leave that plateau; 40 steps reach about 1.5.
+  np.testing.assert_allclose(losses[0], np.log(10), rtol=0.01)
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_eval_step_ignores_masked_examples():
+  model = models.PolyNet(width=4)
+  state = steps.create_train_state(
+    model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0)
+  )
+  images = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+  full = steps.eval_step(
+    state, {'image': images[:5], 'label': labels[:5], 'mask': jnp.ones(5)}
+  )
+  padded = steps.eval_step(
+    state,
+    {
+      'image': images,
+      'label': labels,
+      'mask': jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32),
+    },
+  )
+  assert float(padded['count']) == 5.0
+  np.testing.assert_allclose(padded['loss_sum'], full['loss_sum'], rtol=1e-6)
+  assert float(padded['correct']) == float(full['correct'])
+
+
+def test_steps_compile_once_with_partial_batches(
+  tiny_config, tmp_path, monkeypatch
+):
+  # 1000 training examples in batches of 64 leave a partial batch of 40
+  # that is dropped; 500 evaluation examples in batches of 128 end in a
+  # padded batch of 116. Two epochs and two evaluations, one trace each.
+  monkeypatch.setattr(
+    steps, 'train_step', chex.assert_max_traces(steps.train_step, n=1)
+  )
+  monkeypatch.setattr(
+    steps, 'eval_step', chex.assert_max_traces(steps.eval_step, n=1)
+  )
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final['step'] == 2 * (1000 // 64)
+  assert final['eval_count'] == 500
+
+
+def test_eval_counts_every_test_example(tiny_config, tmp_path):
+  tiny_config.eval_split = 'test'
+  tiny_config.eval_batch_size = 768  # 10,000 = 13 * 768 + 16
+  tiny_config.num_train_steps = 1
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final['eval_count'] == 10_000
+  assert 0.0 <= final['eval_accuracy'] <= 1.0
+
+
+def test_resume_matches_uninterrupted_run(tiny_config, tmp_path):
+  # 15 steps per epoch: stop at 20 (mid-epoch 2), resume to 25.
+  tiny_config.num_train_steps = 25
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
+
+  tiny_config.num_train_steps = 20
+  train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
+  tiny_config.num_train_steps = 25
+  final = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
+  assert final['step'] == 25
+
+  _, straight = restore_state(tmp_path / 'straight', tiny_config)
+  _, resumed = restore_state(tmp_path / 'resumed', tiny_config)
+  assert int(straight.step) == int(resumed.step) == 25
+  chex.assert_trees_all_equal(straight.params, resumed.params)
+  chex.assert_trees_all_equal(straight.opt_state, resumed.opt_state)
+
+
+def test_checkpoints_saved_each_epoch_and_pruned(tiny_config, tmp_path):
+  tiny_config.num_epochs = 4
+  tiny_config.keep_checkpoints = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  manager = checkpoints.create_manager(str(tmp_path / 'checkpoints'), 2)
+  assert manager.all_steps() == [45, 60]
+  manager.close()
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  evals = [line for line in lines if 'eval_accuracy' in line]
+  assert len(evals) == 4
+
+
+def test_finished_run_only_evaluates_again(tiny_config, tmp_path):
+  first = train.train_and_evaluate(tiny_config, str(tmp_path))
+  again = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert again['step'] == first['step']
+  assert again['eval_accuracy'] == first['eval_accuracy']
+
+
+def test_restored_state_equals_saved_state(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 7
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  # The template's parameters come from another key; none may survive.
+  template, restored = restore_state(tmp_path, tiny_config, seed=5)
+  assert int(restored.step) == 7
+  assert not np.array_equal(
+    restored.params['head']['bias'], template.params['head']['bias']
+  )
+  adam_state = restored.opt_state[0]
+  assert isinstance(adam_state, optax.ScaleByAdamState)
+  assert int(adam_state.count) == 7
+
+
+def test_checkpoint_from_other_config_is_rejected(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 3
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model_kwargs.width = 8
+  with pytest.raises(ConfigError, match='model_kwargs.*new --workdir'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_batch_larger_than_split_is_rejected(tiny_config, tmp_path):
+  tiny_config.batch_size = 2000
+  with pytest.raises(ConfigError, match='batch_size=2000.*1000 examples'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
