@@ -45,7 +45,8 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 
 constraints: $(INSTALLED)
-	$(PY) -m pip freeze --exclude-editable > constraints.txt.new
+	head -n 3 constraints.txt > constraints.txt.new
+	$(PY) -m pip freeze --exclude-editable >> constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:

@@ -20,7 +20,7 @@ def get_config():
   config = default_config()
   config.dataset = 'mnist'
   config.batch_size = 128
-  config.num_epochs = 3
+  config.num_epochs = 5
   config.schedule = 'one_cycle'
   config.learning_rate = 2e-3
   config.warmup_fraction = 0.1

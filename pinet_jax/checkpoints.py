@@ -18,16 +18,26 @@ from flax import serialization
 from pinet_jax.errors import ConfigError
 from pinet_jax.steps import TrainState
 
-# Config fields that change the parameters' shapes or the data order: a
-# checkpoint written with other values cannot continue this run.
+# Config fields that a resumed run must share with the checkpoint: they
+# change the parameters' shapes, the data order or the optimisation, so a
+# run continued with other values would be neither of the two configs.
+# num_epochs and num_train_steps may change, to extend a run, but only
+# with the constant schedule (see `_check_compatible`).
 RESUME_KEYS = (
   'dataset',
   'train_split',
+  'normalize',
+  'augment',
   'model',
   'model_kwargs',
   'batch_size',
   'seed',
   'optimizer',
+  'learning_rate',
+  'schedule',
+  'warmup_fraction',
+  'momentum',
+  'weight_decay',
 )
 # Model arguments that change how the model computes, not its parameters.
 LAYOUT_FREE_MODEL_KWARGS = ('formulation',)
@@ -35,7 +45,11 @@ LAYOUT_FREE_MODEL_KWARGS = ('formulation',)
 
 def create_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   """Return a manager of the checkpoints in `directory`, keeping `keep`."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # Removing temporary folders of an interrupted save keeps the directory
+  # to committed checkpoints only; orbax never picks one for restore.
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=True, cleanup_tmp_directories=True
+  )
   return ocp.CheckpointManager(
     os.path.abspath(directory),
     options=options,
@@ -47,27 +61,44 @@ def save(
   manager: ocp.CheckpointManager,
   state: TrainState,
   config: ml_collections.ConfigDict,
+  total_steps: int,
   metrics: dict[str, float] | None = None,
 ) -> None:
   """Save `state` at its step; the write finishes in the background.
 
-  Call `manager.wait_until_finished()` before the process exits.
+  A step that is already saved is left as it is. Call
+  `manager.wait_until_finished()` before the process exits.
+
+  Args:
+    manager: from `create_manager`.
+    state: the state to save.
+    config: the run's config, recorded to check a later resume.
+    total_steps: the run's length in steps, which schedules depend on.
+    metrics: the latest evaluation, recorded for reference.
   """
   step = int(state.step)
-  metadata = {'config': config.to_dict(), 'metrics': metrics or {}}
+  if step in manager.all_steps():
+    return
+  metadata = {
+    'config': config.to_dict(),
+    'total_steps': total_steps,
+    'metrics': metrics or {},
+  }
   manager.save(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(serialization.to_state_dict(state)),
       metadata=ocp.args.JsonSave(metadata),
     ),
-    force=True,
   )
   logging.info('Saving checkpoint at step %d to %s', step, manager.directory)
 
 
 def _check_compatible(
-  saved: dict[str, Any], config: ml_collections.ConfigDict, path: str
+  metadata: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+  path: str,
 ) -> None:
   def comparable(values: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(values.get('model_kwargs') or {})
@@ -75,7 +106,8 @@ def _check_compatible(
       kwargs.pop(key, None)
     return {**values, 'model_kwargs': kwargs}
 
-  saved, current = comparable(saved), comparable(config.to_dict())
+  saved = comparable(metadata['config'])
+  current = comparable(config.to_dict())
   for key in RESUME_KEYS:
     if saved.get(key) != current.get(key):
       raise ConfigError(
@@ -83,12 +115,21 @@ def _check_compatible(
         f'the config has {key}={current.get(key)!r}; use a new --workdir '
         'or the same config'
       )
+  saved_total = metadata.get('total_steps')
+  if config.schedule != 'constant' and saved_total != total_steps:
+    raise ConfigError(
+      f'checkpoint {path} belongs to a run of {saved_total} steps but the '
+      f'config gives {total_steps}, and the {config.schedule!r} schedule '
+      'depends on the run length; keep --config.num_epochs and '
+      '--config.num_train_steps, or use a new --workdir'
+    )
 
 
 def restore_latest(
   manager: ocp.CheckpointManager,
   template: TrainState,
   config: ml_collections.ConfigDict,
+  total_steps: int,
 ) -> TrainState | None:
   """Return the latest checkpoint's state, or None when there is none.
 
@@ -96,6 +137,7 @@ def restore_latest(
     manager: from `create_manager`.
     template: a freshly initialised state with the same structure.
     config: the run's config, checked against the checkpoint's.
+    total_steps: the run's length in steps, checked likewise.
 
   Raises:
     ConfigError: the checkpoint was written by an incompatible config.
@@ -107,7 +149,7 @@ def restore_latest(
   metadata = manager.restore(
     step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
   )['metadata']
-  _check_compatible(metadata['config'], config, path)
+  _check_compatible(metadata, config, total_steps, path)
   target = serialization.to_state_dict(template)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(

@@ -7,6 +7,7 @@ override fields; the command line overrides them again with
 
 import ml_collections
 
+from pinet_jax import models
 from pinet_jax.errors import ConfigError
 
 DATASETS = ('mnist', 'cifar10')
@@ -56,7 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.eval_batch_size = 1000
   config.num_epochs = 10
-  # Stop after this many steps when positive, even mid-epoch.
+  # When positive, the run's length in steps, replacing num_epochs: it may
+  # end mid-epoch or go on past num_epochs.
   config.num_train_steps = -1
   config.log_every_steps = 100
   config.keep_checkpoints = 3
@@ -102,4 +104,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
     config.weight_decay >= 0.0,
     f'--config.weight_decay must be >= 0, got {config.weight_decay}',
+  )
+  _require(
+    config.seed >= 0,
+    f'--config.seed must be a non-negative integer, got {config.seed}',
+  )
+  _require(
+    config.model in models.list_models(),
+    f'unknown model {config.model!r}; set --config.model to one of '
+    f'{models.list_models()}',
   )

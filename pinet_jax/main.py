@@ -70,10 +70,15 @@ def main(argv: list[str]) -> None:
   except train.TrainingInterrupted as stopped:
     logging.warning('Training %s', stopped)
     sys.exit(EXIT_INTERRUPTED)
-  except UserInputError as error:
+  except KeyboardInterrupt:
+    # A second Ctrl-C: stop without the checkpoint of the current step.
+    sys.exit(
+      'error: interrupted twice; stopped without saving the current '
+      'step, rerun to resume from the last checkpoint'
+    )
+  except (UserInputError, FloatingPointError) as error:
     if FLAGS.debug:
       raise
-    logging.error('%s', error)
     sys.exit(f'error: {error}')
 
 

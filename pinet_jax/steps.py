@@ -94,10 +94,13 @@ def eval_step(state: TrainState, batch: Batch) -> Metrics:
     add up to exact totals.
   """
   logits = state.apply_fn({'params': state.params}, batch['image'])
-  mask = batch['mask']
-  correct = (jnp.argmax(logits, -1) == batch['label']) * mask
+  valid = batch['mask'] > 0
+  # where, not a product with the mask: a NaN on a padding row would
+  # survive a multiplication by zero.
+  losses = jnp.where(valid, cross_entropy(logits, batch['label']), 0.0)
+  correct = valid & (jnp.argmax(logits, -1) == batch['label'])
   return {
-    'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-    'correct': jnp.sum(correct),
-    'count': jnp.sum(mask),
+    'loss_sum': jnp.sum(losses),
+    'correct': jnp.sum(correct, dtype=jnp.float32),
+    'count': jnp.sum(valid, dtype=jnp.float32),
   }

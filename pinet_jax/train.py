@@ -27,7 +27,7 @@ from pinet_jax.errors import ConfigError
 
 
 class TrainingInterrupted(Exception):
-  """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+  """SIGINT or SIGTERM stopped training after its checkpoint was committed."""
 
 
 class StopRequest:
@@ -99,8 +99,8 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   }
 
 
-def _build_model(config: ml_collections.ConfigDict, dataset: str):
-  num_classes, image_shape = sources.DATASET_SHAPES[dataset]
+def _build_model(config: ml_collections.ConfigDict):
+  num_classes, image_shape = sources.DATASET_SHAPES[config.dataset]
   try:
     return models.get_model(
       config.model,
@@ -112,6 +112,23 @@ def _build_model(config: ml_collections.ConfigDict, dataset: str):
     raise ConfigError(
       f'invalid --config.model_kwargs for model {config.model!r}: {error}'
     ) from error
+
+
+def _load_split(builder, config: ml_collections.ConfigDict, option: str):
+  """Load the split named by config.<option>, checking it first."""
+  split = config[option]
+  try:
+    size = builder.info.splits[split].num_examples
+  except ValueError as error:
+    raise ConfigError(
+      f'invalid --config.{option}={split!r}: {error}'.replace('\n', ' ')
+    ) from error
+  if size <= 0:
+    raise ConfigError(
+      f'--config.{option}={split!r} selects no examples; '
+      f'{config.dataset} has splits {sorted(builder.info.splits)}'
+    )
+  return pipeline.load_split(builder, split)
 
 
 def _parameter_count(params: Any) -> int:
@@ -137,8 +154,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   """Load the data and build the initial state, restoring a checkpoint."""
   config_lib.validate(config)
   builder = sources.get_builder(config)
-  train_data = pipeline.load_split(builder, config.train_split)
-  eval_data = pipeline.load_split(builder, config.eval_split)
+  train_data = _load_split(builder, config, 'train_split')
+  eval_data = _load_split(builder, config, 'eval_split')
   num_train = len(train_data.labels)
   steps_per_epoch = pipeline.num_train_batches(num_train, config.batch_size)
   if steps_per_epoch == 0:
@@ -163,14 +180,20 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     total_steps,
   )
 
-  model = _build_model(config, config.dataset)
+  model = _build_model(config)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state = steps.create_train_state(
-    model,
-    optim.create_optimizer(config, total_steps),
-    train_data.images.shape[1:],
-    init_rng,
-  )
+  try:
+    state = steps.create_train_state(
+      model,
+      optim.create_optimizer(config, total_steps),
+      train_data.images.shape[1:],
+      init_rng,
+    )
+  except ValueError as error:
+    # The models check their arguments when they are first applied.
+    raise ConfigError(
+      f'invalid --config.model_kwargs for model {config.model!r}: {error}'
+    ) from error
   logging.info(
     'Model %s with %s parameters on %s.',
     config.model,
@@ -180,7 +203,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.create_manager(
     os.path.join(workdir, 'checkpoints'), config.keep_checkpoints
   )
-  restored = checkpoints.restore_latest(manager, state, config)
+  restored = checkpoints.restore_latest(manager, state, config, total_steps)
   if restored is not None:
     state = restored
     logging.info('Resuming at step %d of %d.', state.step, total_steps)
@@ -261,6 +284,12 @@ def _evaluate_and_log(
   metrics = evaluate(
     eval_fn, state, run.eval_data, run.config, run.normalization
   )
+  if not math.isfinite(metrics['loss']):
+    raise FloatingPointError(
+      f'evaluation loss is {metrics["loss"]} at step {step}: the polynomial '
+      'overflowed; lower --config.learning_rate or change '
+      '--config.model_kwargs.init_scheme'
+    )
   logging.info(
     'Step %d (epoch %.2f): eval_loss %.4f, eval_accuracy %.2f%% '
     '(%d examples of %s, %.1f s)',
@@ -283,14 +312,31 @@ def _evaluate_and_log(
   return record
 
 
+def _save_and_stop(run: _Run, state: steps.TrainState) -> None:
+  """Save `state`, wait until the checkpoint is committed, then stop.
+
+  Waiting here, while the signal handlers are still installed, means a
+  repeated SIGTERM cannot kill the process halfway through the write.
+  """
+  checkpoints.save(run.manager, state, run.config, run.total_steps)
+  run.manager.wait_until_finished()
+  raise TrainingInterrupted(
+    f'stopped at step {int(state.step)}; checkpoint saved in '
+    f'{run.manager.directory}: rerun the same command to resume'
+  )
+
+
 def _train(
   run: _Run, state: steps.TrainState, stop: StopRequest
 ) -> tuple[steps.TrainState, dict[str, float] | None]:
-  """Run the remaining steps; return the state and the last evaluation."""
+  """Run the remaining steps; return the state and the last evaluation.
+
+  Every evaluation and checkpoint follows a check that the losses since
+  the previous one are finite, so a diverged state is never saved.
+  """
   config = run.config
   step = int(state.step)
-  throughput = progress.Throughput(step, run.total_steps, config.batch_size)
-  train_fn = eval_fn = None
+  train_fn = eval_fn = throughput = None
   last_eval = None
   while step < run.total_steps:
     epoch, offset = divmod(step, run.steps_per_epoch)
@@ -310,28 +356,29 @@ def _train(
         train_fn = _compile(
           steps.train_step, state, batch, run.step_rng, donate=True
         )
+      if throughput is None:
         throughput = progress.Throughput(
           step, run.total_steps, config.batch_size
         )
       state, metrics = train_fn(state, batch, run.step_rng)
       pending.append(metrics)
       step += 1
-      if step % config.log_every_steps == 0:
+      if step % config.log_every_steps == 0 or stop.requested:
         _log_train(run, step, pending, throughput)
         pending = []
       if stop.requested:
-        checkpoints.save(run.manager, state, config)
-        raise TrainingInterrupted(
-          f'stopped at step {step}; the checkpoint is in '
-          f'{run.manager.directory}: rerun the same command to resume'
-        )
+        _save_and_stop(run, state)
+    if pending:
+      _log_train(run, step, pending, throughput)
     if eval_fn is None:
       eval_fn = _compile(steps.eval_step, state, _eval_batch_example(run))
     last_eval = _evaluate_and_log(run, eval_fn, state)
-    checkpoints.save(run.manager, state, config, last_eval)
+    checkpoints.save(run.manager, state, config, run.total_steps, last_eval)
+    if stop.requested:
+      _save_and_stop(run, state)
     # Restart the rate so that evaluation time does not lower the next
     # report's img/s.
-    throughput = progress.Throughput(step, run.total_steps, config.batch_size)
+    throughput = None
   return state, last_eval
 
 
@@ -363,7 +410,8 @@ def train_and_evaluate(
     'eval_count' (examples evaluated).
 
   Raises:
-    TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was saved.
+    TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was
+      committed.
     pinet_jax.errors.UserInputError: invalid config, data or checkpoint.
     FloatingPointError: the training loss became NaN or infinite.
   """
@@ -372,7 +420,13 @@ def train_and_evaluate(
     with stop_on_signals() as stop:
       state, final = _train(run, state, stop)
       if final is None:
-        eval_fn = jax.jit(steps.eval_step)
+        logging.info(
+          'The checkpoint at step %d already completes this run of %d '
+          'steps; evaluating it only.',
+          state.step,
+          run.total_steps,
+        )
+        eval_fn = _compile(steps.eval_step, state, _eval_batch_example(run))
         final = _evaluate_and_log(run, eval_fn, state)
   finally:
     run.manager.wait_until_finished()

@@ -2,6 +2,7 @@
 
 import json
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -123,13 +124,14 @@ def test_interrupt_saves_and_rerun_resumes(data_flags, tmp_path):
   finally:
     process.kill()
   assert 'Received SIGINT' in log
-  steps = sorted(
-    int(p.name)
-    for p in (tmp_path / 'checkpoints').iterdir()
-    if p.name.isdigit()
-  )
-  interrupted_at = steps[-1]
+  interrupted_at = int(re.search(r'stopped at step (\d+)', log).group(1))
   assert interrupted_at >= 10
+  saved = sorted(
+    int(path.name)
+    for path in (tmp_path / 'checkpoints').iterdir()
+    if path.name.isdigit()
+  )
+  assert saved[-1] == interrupted_at
 
   result = run(args[:-2] + [f'--config.num_train_steps={interrupted_at + 5}'])
   assert result.returncode == 0, result.stderr[-3000:]

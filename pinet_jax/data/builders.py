@@ -103,11 +103,7 @@ class LocalMnist(_ManualDirBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     'Place the four MNIST IDX files, each plain or gzipped (.gz), in the '
-    'manual directory: '
-    + ', '.join(
-      name for pair in raw_files.MNIST_FILES.values() for name in pair
-    )
-    + '.'
+    'manual directory: ' + ', '.join(raw_files.MNIST_FILE_NAMES) + '.'
   )
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -178,6 +174,12 @@ class LocalCifar10(_ManualDirBuilder):
 
   @classmethod
   def load_splits(cls, directory: PathLike) -> Splits:
+    # The batches first: in a wrong or empty folder, their error lists the
+    # data files that are missing, not only the metadata file.
+    splits = {
+      split: raw_files.load_cifar10(directory, split)
+      for split in raw_files.CIFAR10_FILES
+    }
     # The label names are fixed in _info, so the file must agree with them.
     names = raw_files.load_cifar10_class_names(directory)
     if tuple(names) != raw_files.CIFAR10_CLASS_NAMES:
@@ -186,10 +188,7 @@ class LocalCifar10(_ManualDirBuilder):
         f'{names}, expected {list(raw_files.CIFAR10_CLASS_NAMES)}. '
         f'Re-download the official file.'
       )
-    return {
-      split: raw_files.load_cifar10(directory, split)
-      for split in raw_files.CIFAR10_FILES
-    }
+    return splits
 
   def _example(
     self, split: str, index: int, image: np.ndarray, label: np.int64

@@ -57,11 +57,23 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitArrays:
 
 
 def normalization_of(images: np.ndarray) -> Normalization:
-  """Return the per-channel mean and standard deviation of `images` / 255."""
-  pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+  """Return the per-channel mean and standard deviation of `images` / 255.
+
+  Sums are accumulated in float64 over chunks, so CIFAR-10 needs a few MB
+  of temporary memory instead of several float64 copies of the split.
+  """
+  channels = images.shape[-1]
+  total = np.zeros(channels)
+  total_squares = np.zeros(channels)
+  for chunk in np.array_split(images, max(1, len(images) // 4096)):
+    pixels = chunk.reshape(-1, channels).astype(np.float64) / 255.0
+    total += pixels.sum(axis=0)
+    total_squares += np.square(pixels).sum(axis=0)
+  count = images.size // channels
+  mean = total / count
+  variance = np.maximum(total_squares / count - np.square(mean), 0.0)
   return Normalization(
-    pixels.mean(axis=0).astype(np.float32),
-    pixels.std(axis=0).astype(np.float32),
+    mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
   )
 
 

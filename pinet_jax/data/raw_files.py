@@ -37,6 +37,8 @@ MNIST_FILES: Mapping[str, tuple[str, str]] = MappingProxyType(
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
   }
 )
+# Every MNIST file name, in MNIST_FILES order.
+MNIST_FILE_NAMES = tuple(name for pair in MNIST_FILES.values() for name in pair)
 MNIST_SPLIT_SIZES: Mapping[str, int] = MappingProxyType(
   {'train': 60_000, 'test': 10_000}
 )
@@ -242,7 +244,7 @@ def _check_labels(labels: np.ndarray, source: object) -> None:
 def _find_mnist_files(directory: Path, names: Sequence[str]) -> list[Path]:
   """Return the path of each named file, preferring it over name + '.gz'."""
   if not directory.is_dir():
-    all_names = [name for pair in MNIST_FILES.values() for name in pair]
+    all_names = list(MNIST_FILE_NAMES)
     raise DataFileError(
       f'MNIST folder {directory} does not exist or is not a folder. Point '
       f'--config.data_dir at the folder that contains '

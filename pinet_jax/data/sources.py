@@ -14,7 +14,7 @@ machine without internet access.
 import ml_collections
 import tensorflow_datasets as tfds
 
-from pinet_jax.data import builders
+from pinet_jax.data import builders, raw_files
 from pinet_jax.errors import DataNotFoundError
 
 # (num_classes, (height, width, channels)) of each supported dataset.
@@ -25,13 +25,13 @@ DATASET_SHAPES: dict[str, tuple[int, tuple[int, int, int]]] = {
 
 _EXPECTED_FILES = {
   'mnist': (
-    'the four MNIST IDX files (train-images-idx3-ubyte, '
-    'train-labels-idx1-ubyte, t10k-images-idx3-ubyte, '
-    't10k-labels-idx1-ubyte, each optionally .gz)'
+    'the four MNIST IDX files ('
+    + ', '.join(raw_files.MNIST_FILE_NAMES)
+    + ', each optionally .gz)'
   ),
   'cifar10': (
-    'the CIFAR-10 binary version (the cifar-10-batches-bin folder or '
-    'cifar-10-binary.tar.gz)'
+    f'the CIFAR-10 binary version (the {raw_files.CIFAR10_FOLDER} folder or '
+    f'{raw_files.CIFAR10_ARCHIVE})'
   ),
 }
 
