@@ -13,7 +13,8 @@ ARGS ?=
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train-mnist train-cifar10 test lint format constraints clean
+.PHONY: install train-mnist train-cifar10 test bench lint format constraints \
+  clean
 
 install: $(INSTALLED)
 
@@ -35,6 +36,11 @@ train-cifar10: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 $(ARGS)
+
+# Speed of the train step against PyTorch (when installed), the input
+# pipeline (when DATA is set) and XLA's matmul peak, as a markdown table.
+bench: $(INSTALLED)
+	$(PY) -m pinet_jax.bench --data_dir='$(DATA)' $(ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

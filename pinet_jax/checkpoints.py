@@ -1,6 +1,6 @@
 """Saving and restoring the training state with orbax.
 
-A checkpoint holds the train state (step, parameters, optimiser state) and a
+A checkpoint contains the train state (step, parameters, optimiser state) and a
 JSON record of the config that wrote it. The step is the number of training
 batches consumed, which fixes the epoch and the position inside it, so a
 resumed run continues the same data order.

@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   # in_channels. 'im2col' computes the same function as 'plain' about 3x
   # faster on CPU; see pinet_jax.models.product_block.FORMULATIONS.
   config.model_kwargs = ml_collections.ConfigDict(
-    {'width': 16, 'init_scheme': 'pytorch', 'formulation': 'im2col'}
+    {'width': 16, 'init_scheme': 'pytorch', 'formulation': 's2d'}
   )
 
   config.optimizer = 'adam'

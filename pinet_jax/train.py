@@ -4,6 +4,7 @@
 command line; tests call it directly.
 """
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -137,7 +138,7 @@ def _parameter_count(params: Any) -> int:
 
 @dataclasses.dataclass
 class _Run:
-  """What the loop needs besides the state, built once per process."""
+  """Data, schedule and outputs of a run, built once per process."""
 
   config: ml_collections.ConfigDict
   train_data: pipeline.SplitArrays
@@ -236,6 +237,22 @@ def _compile(function: Any, *args: Any, donate: bool = False):
     'Compiled %s in %.1f s.', function.__name__, time.perf_counter() - start
   )
   return compiled
+
+
+def _prefetch_to_device(
+  batches: Iterator[dict[str, np.ndarray]], size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+  """Yield `batches` as device arrays, copying `size` batches ahead.
+
+  jax.device_put returns at once, so the copies overlap the steps.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(jax.device_put(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def _log_train(
@@ -349,9 +366,9 @@ def _train(
       augment=config.augment,
       normalization=run.normalization,
     )
-    pending = []
+    pending, report = [], None
     remaining = min(run.steps_per_epoch - offset, run.total_steps - step)
-    for batch in itertools.islice(batches, remaining):
+    for batch in _prefetch_to_device(itertools.islice(batches, remaining)):
       if train_fn is None:
         train_fn = _compile(
           steps.train_step, state, batch, run.step_rng, donate=True
@@ -361,13 +378,21 @@ def _train(
           step, run.total_steps, config.batch_size
         )
       state, metrics = train_fn(state, batch, run.step_rng)
+      if report is not None:
+        # Reading metrics waits for their step. Reading the previous
+        # interval's only now, with this step already queued, keeps the
+        # device busy while the host logs.
+        _log_train(run, *report, throughput)
+        report = None
       pending.append(metrics)
       step += 1
       if step % config.log_every_steps == 0 or stop.requested:
-        _log_train(run, step, pending, throughput)
-        pending = []
+        report, pending = (step, pending), []
       if stop.requested:
+        _log_train(run, *report, throughput)
         _save_and_stop(run, state)
+    if report is not None:
+      _log_train(run, *report, throughput)
     if pending:
       _log_train(run, step, pending, throughput)
     if eval_fn is None:

@@ -156,7 +156,7 @@ def test_pytorch_init_bounds_and_spread():
   assert np.abs(params['block_5']['conv_1']['bias']).max() > 0
 
 
-def test_lecun_normal_init_has_zero_bias_and_larger_kernels():
+def test_lecun_normal_init_statistics():
   _, variables = init_polynet(1, 28, init_scheme='lecun_normal')
   layer = variables['params']['block_5']['conv_1']
   kernel = np.asarray(layer['kernel'])
@@ -193,7 +193,7 @@ def test_models_import_without_tensorflow():
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
-@pytest.mark.parametrize('formulation', ['fused', 'im2col'])
+@pytest.mark.parametrize('formulation', ['fused', 'im2col', 's2d'])
 @pytest.mark.parametrize('dataset', sorted(DATASETS))
 def test_formulations_match_plain(dataset, formulation):
   in_channels, size, _, _ = DATASETS[dataset]

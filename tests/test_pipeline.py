@@ -8,7 +8,7 @@ from pinet_jax.data import pipeline
 
 def make_split(num_examples=96, size=8, channels=1):
   # Each image is filled with its own index, so a batch reveals which
-  # examples it holds and in which order.
+  # examples it contains and in which order.
   index = np.arange(num_examples)
   images = np.broadcast_to(
     (index % 256)[:, None, None, None], (num_examples, size, size, channels)

@@ -1,0 +1,61 @@
+"""The benchmark command runs end to end and prints its table."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_bench(*flags):
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pinet_jax.bench',
+      '--steps=2',
+      '--rounds=1',
+      '--batch_size=8',
+      '--width=4',
+      *flags,
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def table_rows(stdout):
+  rows = [line for line in stdout.splitlines() if line.startswith('| ')]
+  return {row.split(' | ')[0].lstrip('| '): row for row in rows}
+
+
+def test_bench_table_without_torch(mnist_dir):
+  result = run_bench(
+    '--notorch', '--formulation=s2d', f'--data_dir={mnist_dir}'
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = table_rows(result.stdout)
+  for metric in (
+    'train-step compile',
+    'JAX s2d train img/s',
+    'JAX s2d eval img/s',
+    'XLA f32 matmul peak',
+    'JAX train step',
+    'input pipeline img/s',
+    'process peak RSS',
+  ):
+    assert metric in rows, result.stdout
+  assert 'skipped (--notorch)' in rows['PyTorch']
+  assert '% of peak' in rows['JAX train step']
+
+
+def test_bench_compares_with_torch():
+  pytest.importorskip('torch')
+  result = run_bench('--formulation=plain')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = table_rows(result.stdout)
+  ratios = [name for name in rows if name.startswith('train speed ratio')]
+  assert len(ratios) == 2, result.stdout
