@@ -1,16 +1,16 @@
-"""Reference Π-net on MNIST, tuned to pass 99% test accuracy quickly on CPU.
+"""Reference Π-net on MNIST, past 99% test accuracy in minutes on a CPU.
 
 Command:
   make train-mnist DATA=/path/to/mnist
 
 The network is the reference one unchanged (five product blocks, width 16,
-PyTorch initialisation, pixels in [0, 1]). The reference recipe (Adam, lr
-1e-3, batch 64, constant rate, 10 epochs) is kept except for the schedule:
-a one-cycle warm-up and cosine decay over 3 epochs at batch 128 reaches the
-same accuracy in less time.
+PyTorch initialisation, pixels in [0, 1]). The training recipe differs from
+the reference's (Adam, lr 1e-3, batch 64, constant rate, 10 epochs): Adam
+at batch 128 with a one-cycle schedule (10% linear warm-up to lr 2e-3, then
+cosine decay) over 5 epochs.
 
-Expected: see the results table in README.md for the measured accuracy and
-wall time.
+Expected: 99.16% test accuracy (99.12% after epoch 3) in about 4 minutes on
+2 cores of an x86-64 CPU with AVX-512, measured with seed 0.
 """
 
 from pinet_jax.config import default_config

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from pinet_jax import train
 from pinet_jax.errors import UserInputError
+from pinet_jax.interrupts import TrainingInterrupted
 
 FLAGS = flags.FLAGS
 
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.TrainingInterrupted as stopped:
+  except TrainingInterrupted as stopped:
     logging.warning('Training %s', stopped)
     sys.exit(EXIT_INTERRUPTED)
   except KeyboardInterrupt:

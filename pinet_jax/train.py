@@ -5,12 +5,10 @@ command line; tests call it directly.
 """
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,47 +23,11 @@ from pinet_jax import checkpoints, models, optim, progress, steps
 from pinet_jax import config as config_lib
 from pinet_jax.data import pipeline, sources
 from pinet_jax.errors import ConfigError
-
-
-class TrainingInterrupted(Exception):
-  """SIGINT or SIGTERM stopped training after its checkpoint was committed."""
-
-
-class StopRequest:
-  """Records SIGINT and SIGTERM so the loop stops at a step boundary.
-
-  The first signal sets `requested`; a second one raises KeyboardInterrupt
-  at once, for a user who does not want to wait for the checkpoint.
-  """
-
-  def __init__(self):
-    self.requested = False
-
-  def __call__(self, signum: int, frame: Any) -> None:
-    del frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    logging.warning(
-      'Received %s: stopping after this step and saving a checkpoint; '
-      'send it again to stop at once without saving.',
-      signal.Signals(signum).name,
-    )
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-  """Install a `StopRequest` for SIGINT and SIGTERM within the block."""
-  request = StopRequest()
-  previous = {
-    signum: signal.signal(signum, request)
-    for signum in (signal.SIGINT, signal.SIGTERM)
-  }
-  try:
-    yield request
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
+from pinet_jax.interrupts import (
+  StopRequest,
+  TrainingInterrupted,
+  stop_on_signals,
+)
 
 
 def evaluate(
