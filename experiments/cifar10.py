@@ -8,8 +8,10 @@ setup of the reference implementation, which reported about 70% test
 accuracy with training accuracy far above it. Set --config.augment=True for
 random crops and flips.
 
-Expected: see the results table in README.md for the measured accuracy and
-wall time.
+Expected: 65.53% test accuracy (68.5% train) with seed 0, in about 11
+minutes on 2 cores of an x86-64 CPU with AVX-512. The run is fragile: it
+sits at chance for the first epochs, and a run that differed only in float
+rounding ended at 43.81%.
 """
 
 from pinet_jax.config import default_config
