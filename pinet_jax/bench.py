@@ -174,7 +174,10 @@ def _torch_benches(shape) -> dict[str, TorchBench] | str:
   try:
     import torch  # noqa: F401
   except ImportError:
-    return "torch is not installed: pip install 'pinet_jax[torch]'"
+    return (
+      'torch is not installed; .venv/bin/pip install torch==2.13.0 adds '
+      'the comparison'
+    )
   return {
     f'PyTorch {torch_version()} {layout}': TorchBench(
       shape, FLAGS.batch_size, FLAGS.width, layout == 'channels_last'

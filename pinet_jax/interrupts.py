@@ -17,10 +17,14 @@ class TrainingInterrupted(Exception):
   """SIGINT or SIGTERM stopped training after its checkpoint was committed."""
 
 
+class InterruptedTwice(KeyboardInterrupt):
+  """A second SIGINT or SIGTERM, which stops without saving."""
+
+
 class StopRequest:
   """Records SIGINT and SIGTERM so the loop stops at a step boundary.
 
-  The first signal sets `requested`; a second one raises KeyboardInterrupt
+  The first signal sets `requested`; a second one raises InterruptedTwice
   at once, for a user who does not want to wait for the checkpoint.
   """
 
@@ -30,7 +34,7 @@ class StopRequest:
   def __call__(self, signum: int, frame: Any) -> None:
     del frame
     if self.requested:
-      raise KeyboardInterrupt
+      raise InterruptedTwice
     self.requested = True
     logging.warning(
       'Received %s: finishing the steps already queued, then saving a '

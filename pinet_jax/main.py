@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from pinet_jax import train
 from pinet_jax.errors import UserInputError
-from pinet_jax.interrupts import TrainingInterrupted
+from pinet_jax.interrupts import InterruptedTwice, TrainingInterrupted
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +61,24 @@ class _QuietLibraryInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not from_orbax
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse the command line; a bad config path or field exits with one line.
+
+  ml_collections raises while parsing for an unknown --config.FIELD, and
+  on first access for a config file that cannot be loaded.
+  """
+  try:
+    remaining = FLAGS(argv)
+    # A config file that failed to load raises on first attribute access.
+    FLAGS.config.keys()
+  except flags.Error as error:
+    sys.exit(f'error: {error}\nPass --help to list the flags.')
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+    message = ' '.join(str(error).replace('\\n', ' ').strip('\'"').split())
+    sys.exit(f'error: invalid --config or --config.FIELD: {message}')
+  return remaining
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -71,12 +89,15 @@ def main(argv: list[str]) -> None:
   except TrainingInterrupted as stopped:
     logging.warning('Training %s', stopped)
     sys.exit(EXIT_INTERRUPTED)
-  except KeyboardInterrupt:
-    # A second Ctrl-C: stop without the checkpoint of the current step.
-    sys.exit(
-      'error: interrupted twice; stopped without saving the current '
-      'step, rerun to resume from the last checkpoint'
+  except InterruptedTwice:
+    logging.warning(
+      'Interrupted twice: stopped without saving the current step; rerun to '
+      'resume from the last checkpoint, if any.'
     )
+    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:
+    logging.warning('Interrupted before training started; nothing was saved.')
+    sys.exit(EXIT_INTERRUPTED)
   except (UserInputError, FloatingPointError) as error:
     if FLAGS.debug:
       raise
@@ -84,4 +105,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

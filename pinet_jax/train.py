@@ -113,9 +113,28 @@ class _Run:
   metrics_file: progress.MetricsFile
 
 
+def _make_workdir(workdir: str) -> str:
+  """Create `workdir` if needed and return its absolute path.
+
+  Checked before the data is loaded, so a bad path fails in seconds.
+  """
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(
+      f'cannot create --workdir {workdir}: {error.strerror}; choose a '
+      'writable folder'
+    ) from error
+  if not os.access(path, os.W_OK):
+    raise ConfigError(f'--workdir {workdir} is not writable; choose another')
+  return path
+
+
 def _prepare(config: ml_collections.ConfigDict, workdir: str):
   """Load the data and build the initial state, restoring a checkpoint."""
   config_lib.validate(config)
+  workdir = _make_workdir(workdir)
   builder = sources.get_builder(config)
   train_data = _load_split(builder, config, 'train_split')
   eval_data = _load_split(builder, config, 'eval_split')

@@ -43,7 +43,10 @@ def pytest_configure(config):
 def _real_data_dir(name: str) -> Path:
   path = REAL_DATA_ROOT / name
   if not path.is_dir():
-    reason = f'real {name} data not found at {path}'
+    reason = (
+      f'real {name} data not found at {path}; set PINET_JAX_TEST_DATA to '
+      'the folder that contains mnist/ and cifar10/'
+    )
     if os.environ.get('CI') == 'true':
       pytest.fail(f'{reason}, and CI=true requires it')
     pytest.skip(reason)

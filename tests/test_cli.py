@@ -197,6 +197,25 @@ def test_invalid_config_value_is_one_line(tmp_path, override, fragment):
   assert_one_line_error(result, fragment)
 
 
+def test_unknown_config_field_is_one_line(tmp_path):
+  result = run(command('mnist', tmp_path, '--config.num_epoch=1'), timeout=120)
+  assert_one_line_error(result, 'num_epoch', 'Did you mean "num_epochs"')
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  result = run(
+    [
+      sys.executable,
+      '-m',
+      'pinet_jax.main',
+      '--config=experiments/mnst.py',
+      f'--workdir={tmp_path}',
+    ],
+    timeout=120,
+  )
+  assert_one_line_error(result, 'experiments/mnst.py', 'No such file')
+
+
 def test_debug_flag_shows_traceback(tmp_path):
   result = run(
     command('mnist', tmp_path, '--config.batch_size=0', '--debug'),

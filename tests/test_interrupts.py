@@ -19,7 +19,7 @@ def test_second_signal_stops_at_once():
   with interrupts.stop_on_signals() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.requested
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(interrupts.InterruptedTwice):
       os.kill(os.getpid(), signal.SIGINT)
 
 

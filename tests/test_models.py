@@ -230,3 +230,9 @@ def test_formulations_match_plain(dataset, formulation):
 def test_unknown_formulation_raises():
   with pytest.raises(ValueError, match="'winograd'.*im2col"):
     init_polynet(1, 28, formulation='winograd')
+
+
+def test_integer_images_raise():
+  model = models.PolyNet(in_channels=1)
+  with pytest.raises(ValueError, match=r'uint8; convert with images / 255'):
+    model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))

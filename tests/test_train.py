@@ -260,3 +260,11 @@ def test_invalid_value_is_config_error(
   target[name] = value
   with pytest.raises(ConfigError, match=message):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_unusable_workdir_fails_before_data(tiny_config, tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a folder')
+  with pytest.raises(ConfigError, match=r'cannot create --workdir .*file/run'):
+    train.train_and_evaluate(tiny_config, str(blocker / 'run'))
+  assert blocker.read_text() == 'not a folder'

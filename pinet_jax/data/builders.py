@@ -301,6 +301,6 @@ def _check_prepared_source(
     raise DataFileError(
       f'{builder.data_dir} was prepared from other data than the raw files '
       f'in {raw_path} (SHA-256 {recorded} recorded, {fingerprint} now). '
-      f'Delete {builder.data_dir} to prepare it again, or pass another tfds '
-      f'data_dir.'
+      f'Delete {builder.data_dir} to prepare it again, or choose another '
+      f'folder with --config.tfds_data_dir.'
     )

@@ -11,6 +11,8 @@ points at them, instead of letting tfds's downloader retry for minutes on a
 machine without internet access.
 """
 
+import os
+
 import ml_collections
 import tensorflow_datasets as tfds
 
@@ -38,7 +40,9 @@ _EXPECTED_FILES = {
 
 def tfds_data_dir(config: ml_collections.ConfigDict) -> str:
   """Return where prepared tfds datasets live for this config."""
-  return config.tfds_data_dir or tfds.core.constants.DATA_DIR
+  return os.path.expanduser(
+    config.tfds_data_dir or tfds.core.constants.DATA_DIR
+  )
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -51,7 +55,8 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   name = config.dataset
   data_dir = tfds_data_dir(config)
   if config.data_dir:
-    return builders.prepare_local(name, config.data_dir, data_dir)
+    raw_dir = os.path.expanduser(config.data_dir)
+    return builders.prepare_local(name, raw_dir, data_dir)
   for builder_name in (name, builders.LOCAL_BUILDERS[name].name):
     builder = tfds.builder(builder_name, data_dir=data_dir)
     if builder.is_prepared():

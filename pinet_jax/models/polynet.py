@@ -65,16 +65,23 @@ class PolyNet(nn.Module):
     """Compute logits.
 
     Args:
-      images: shape (batch, height, width, in_channels), pixels in any
-        range (the reference feeds [0, 1]). MNIST is 28x28, CIFAR-10 32x32.
+      images: float, shape (batch, height, width, in_channels), pixels
+        scaled to [0, 1] as the reference does; larger values overflow the
+        degree-32 polynomial. MNIST is 28x28, CIFAR-10 32x32.
 
     Returns:
       Logits, shape (batch, num_classes).
 
     Raises:
-      ValueError: `images` is not 4-D with `in_channels` channels, or too
-        small for the five blocks.
+      ValueError: `images` is not floating-point, not 4-D with `in_channels`
+        channels, or too small for the five blocks.
     """
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      # Pixels of 0..255 overflow a degree-32 polynomial to NaN.
+      raise ValueError(
+        f'PolyNet expects floating-point images scaled to [0, 1], got dtype '
+        f'{images.dtype}; convert with images / 255'
+      )
     if images.ndim != 4 or images.shape[-1] != self.in_channels:
       raise ValueError(
         f'PolyNet expects images of shape (batch, height, width, '
