@@ -74,7 +74,7 @@ def forbid_network() -> Iterator[list[str]]:
   """
   attempts: list[str] = []
 
-  def refuse(call: str):
+  def reject(call: str):
     def raise_os_error(*args, **kwargs):
       attempts.append(f'{call}{args!r}')
       raise OSError(f'network access is forbidden in this test: {call}')
@@ -82,10 +82,10 @@ def forbid_network() -> Iterator[list[str]]:
     return raise_os_error
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(socket.socket, 'connect', refuse('socket.connect'))
-    patch.setattr(socket.socket, 'connect_ex', refuse('socket.connect_ex'))
-    patch.setattr(socket, 'create_connection', refuse('create_connection'))
-    patch.setattr(socket, 'getaddrinfo', refuse('getaddrinfo'))
+    patch.setattr(socket.socket, 'connect', reject('socket.connect'))
+    patch.setattr(socket.socket, 'connect_ex', reject('socket.connect_ex'))
+    patch.setattr(socket, 'create_connection', reject('create_connection'))
+    patch.setattr(socket, 'getaddrinfo', reject('getaddrinfo'))
     yield attempts
 
 

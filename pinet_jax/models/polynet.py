@@ -48,8 +48,8 @@ class PolyNet(nn.Module):
     init_scheme: initialisation scheme, a key of `initializers.SCHEMES`. The
       default, 'pytorch', reproduces the reference implementation.
     formulation: how each product block computes its convolutions, one of
-      `product_block.FORMULATIONS`; all give the same function of the same
-      parameters, and 'im2col' trains fastest on CPU.
+      `product_block.FORMULATIONS`. All give the same function of the same
+      parameters; 's2d' trains fastest on CPU.
     dtype: computation dtype; None keeps the input's.
   """
 
