@@ -377,7 +377,7 @@ def _train(
     if pending:
       _log_train(run, step, pending, throughput)
     if eval_fn is None:
-      eval_fn = _compile(steps.eval_step, state, _eval_batch_example(run))
+      eval_fn = _compile_eval(run, state)
     last_eval = _evaluate_and_log(run, eval_fn, state)
     checkpoints.save(run.manager, state, config, run.total_steps, last_eval)
     if stop.requested:
@@ -388,15 +388,16 @@ def _train(
   return state, last_eval
 
 
-def _eval_batch_example(run: _Run) -> dict[str, np.ndarray]:
-  """Return one evaluation batch, whose shapes every batch shares."""
-  return next(
+def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
+  """Compile `steps.eval_step` for the shapes that every eval batch shares."""
+  example = next(
     pipeline.eval_batches(
       run.eval_data,
       batch_size=run.config.eval_batch_size,
       normalization=run.normalization,
     )
   )
+  return _compile(steps.eval_step, state, example)
 
 
 def train_and_evaluate(
@@ -432,7 +433,7 @@ def train_and_evaluate(
           state.step,
           run.total_steps,
         )
-        eval_fn = _compile(steps.eval_step, state, _eval_batch_example(run))
+        eval_fn = _compile_eval(run, state)
         final = _evaluate_and_log(run, eval_fn, state)
   finally:
     run.manager.wait_until_finished()
