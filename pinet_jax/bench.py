@@ -14,6 +14,7 @@ Figures are medians over rounds.
 """
 
 import dataclasses
+import functools
 import os
 import resource
 import statistics
@@ -38,6 +39,12 @@ flags.DEFINE_enum(
   config_lib.default_config().model_kwargs.formulation,
   list(models.product_block.FORMULATIONS),
   'How the product blocks compute their convolutions.',
+)
+flags.DEFINE_integer(
+  'microbatch_size',
+  0,
+  'Examples per forward and backward pass in a step; 0 chooses as training '
+  'does. A smaller size than the batch adds a whole-batch JAX row.',
 )
 flags.DEFINE_integer('steps', 20, 'Train steps per timed round.')
 flags.DEFINE_integer('rounds', 5, 'Timed rounds, each JAX then PyTorch.')
@@ -96,7 +103,14 @@ def _synthetic_batch(shape, batch_size: int, seed: int = 0):
 class JaxBench:
   """A compiled train and eval step of the JAX model on a fixed batch."""
 
-  def __init__(self, shape, batch_size: int, width: int, formulation: str):
+  def __init__(
+    self,
+    shape,
+    batch_size: int,
+    width: int,
+    formulation: str,
+    microbatch_size: int,
+  ):
     model = models.PolyNet(
       in_channels=shape[-1], width=width, formulation=formulation
     )
@@ -110,15 +124,27 @@ class JaxBench:
     )
     self.rng = jax.random.key(1)
     start = time.perf_counter()
-    lowered = jax.jit(steps.train_step, donate_argnums=0).lower(
+    train_step = functools.partial(
+      steps.train_step, microbatch_size=microbatch_size
+    )
+    lowered = jax.jit(train_step, donate_argnums=0).lower(
       self.state, self.batch, self.rng
     )
     self.train_fn = lowered.compile()
     self.compile_seconds = time.perf_counter() - start
-    self.eval_fn = (
-      jax.jit(steps.eval_step).lower(self.state, self.eval_batch).compile()
+    eval_step = functools.partial(
+      steps.eval_step, microbatch_size=microbatch_size
     )
-    self.flops_per_step = self.train_fn.cost_analysis()['flops']
+    self.eval_fn = (
+      jax.jit(eval_step).lower(self.state, self.eval_batch).compile()
+    )
+    # XLA's cost analysis counts a loop's body once, so the FLOPs come from
+    # the whole-batch step, which has no loop.
+    self.flops_per_step = (
+      jax.jit(steps.train_step)
+      .lower(self.state, self.batch, self.rng)
+      .cost_analysis()['flops']
+    )
     memory = self.train_fn.memory_analysis()
     self.temp_bytes = memory.temp_size_in_bytes
 
@@ -241,8 +267,11 @@ def run_benchmarks() -> list[Row]:
       f'{os.cpu_count()} CPUs, jax {jax.__version__}',
     ),
   ]
-  jax_bench = JaxBench(shape, batch, FLAGS.width, FLAGS.formulation)
-  jax_name = f'JAX {FLAGS.formulation}'
+  microbatch = steps.resolve_microbatch_size(
+    FLAGS.microbatch_size, batch, jax.default_backend()
+  )
+  jax_bench = JaxBench(shape, batch, FLAGS.width, FLAGS.formulation, microbatch)
+  jax_name = f'JAX {FLAGS.formulation}, microbatch {microbatch}'
   rows.append(
     Row(
       'train-step compile',
@@ -254,6 +283,10 @@ def run_benchmarks() -> list[Row]:
     Row('train-step XLA temp memory', f'{jax_bench.temp_bytes / 2**20:.0f} MiB')
   )
   benches = {jax_name: jax_bench}
+  if microbatch < batch:
+    benches[f'JAX {FLAGS.formulation}, whole batch'] = JaxBench(
+      shape, batch, FLAGS.width, FLAGS.formulation, batch
+    )
   torch_benches = _torch_benches(shape)
   if isinstance(torch_benches, str):
     rows.append(Row('PyTorch', torch_benches))
@@ -335,6 +368,12 @@ def format_table(rows: list[Row]) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    steps.resolve_microbatch_size(
+      FLAGS.microbatch_size, FLAGS.batch_size, jax.default_backend()
+    )
+  except ValueError as error:
+    raise app.UsageError(f'--microbatch_size: {error}') from error
   print(format_table(run_benchmarks()), flush=True)
 
 

@@ -56,6 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 64
   config.eval_batch_size = 1000
+  # Examples per forward and backward pass inside a step; the gradients of
+  # a step's microbatches add up to its whole batch's. 0 chooses: 16 or a
+  # nearby divisor of the batch on CPU, where that is faster, and the whole
+  # batch on GPU and TPU. Otherwise it must divide both batch sizes.
+  config.microbatch_size = 0
   config.num_epochs = 10
   # When positive, the run's length in steps, replacing num_epochs: it may
   # end mid-epoch or go on past num_epochs.
@@ -105,6 +110,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.weight_decay >= 0.0,
     f'--config.weight_decay must be >= 0, got {config.weight_decay}',
   )
+  for name in ('batch_size', 'eval_batch_size'):
+    _require(
+      config.microbatch_size == 0
+      or (
+        config.microbatch_size > 0
+        and config[name] % config.microbatch_size == 0
+      ),
+      f'--config.microbatch_size={config.microbatch_size} must be 0 '
+      f'(automatic) or divide --config.{name}={config[name]}',
+    )
   _require(
     config.seed >= 0,
     f'--config.seed must be a non-negative integer, got {config.seed}',

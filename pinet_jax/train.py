@@ -6,6 +6,7 @@ command line; tests call it directly.
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -205,14 +206,18 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   return run, state
 
 
-def _compile(function: Any, *args: Any, donate: bool = False):
+def _compile(function: Any, *args: Any, donate: bool = False, **static: Any):
   """Compile `function` for `args` once, logging the time it took.
 
   The loop calls the compiled executable, which raises on a shape it was
-  not compiled for instead of silently compiling again.
+  not compiled for instead of silently compiling again. `static` keyword
+  arguments are fixed at compile time.
   """
   start = time.perf_counter()
-  jitted = jax.jit(function, donate_argnums=0 if donate else ())
+  jitted = jax.jit(
+    functools.partial(function, **static),
+    donate_argnums=0 if donate else (),
+  )
   compiled = jitted.lower(*args).compile()
   logging.info(
     'Compiled %s in %.1f s.', function.__name__, time.perf_counter() - start
@@ -352,7 +357,12 @@ def _train(
     for batch in _prefetch_to_device(itertools.islice(batches, remaining)):
       if train_fn is None:
         train_fn = _compile(
-          steps.train_step, state, batch, run.step_rng, donate=True
+          steps.train_step,
+          state,
+          batch,
+          run.step_rng,
+          donate=True,
+          microbatch_size=_microbatch_size(config, 'batch_size'),
         )
       if throughput is None:
         throughput = progress.Throughput(
@@ -397,7 +407,26 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
       normalization=run.normalization,
     )
   )
-  return _compile(steps.eval_step, state, example)
+  return _compile(
+    steps.eval_step,
+    state,
+    example,
+    microbatch_size=_microbatch_size(run.config, 'eval_batch_size'),
+  )
+
+
+def _microbatch_size(config: ml_collections.ConfigDict, field: str) -> int:
+  """Resolve --config.microbatch_size for the batch size in `field`."""
+  size = steps.resolve_microbatch_size(
+    config.microbatch_size, config[field], jax.default_backend()
+  )
+  logging.info(
+    'Microbatches of %d of the %d examples per %s step.',
+    size,
+    config[field],
+    'train' if field == 'batch_size' else 'eval',
+  )
+  return size
 
 
 def train_and_evaluate(

@@ -34,14 +34,19 @@ def table_rows(stdout):
 
 def test_bench_table_without_torch(mnist_dir):
   result = run_bench(
-    '--notorch', '--formulation=s2d', f'--data_dir={mnist_dir}'
+    '--notorch',
+    '--formulation=s2d',
+    '--microbatch_size=4',
+    f'--data_dir={mnist_dir}',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = table_rows(result.stdout)
   for metric in (
     'train-step compile',
-    'JAX s2d train img/s',
-    'JAX s2d eval img/s',
+    'JAX s2d, microbatch 4 train img/s',
+    'JAX s2d, whole batch train img/s',
+    'JAX s2d, microbatch 4 eval img/s',
+    'train speed ratio JAX s2d, microbatch 4 / JAX s2d, whole batch',
     'XLA f32 matmul peak',
     'JAX train step',
     'input pipeline img/s',
@@ -50,6 +55,13 @@ def test_bench_table_without_torch(mnist_dir):
     assert metric in rows, result.stdout
   assert 'skipped (--notorch)' in rows['PyTorch']
   assert '% of peak' in rows['JAX train step']
+
+
+def test_bench_rejects_a_microbatch_that_does_not_divide():
+  result = run_bench('--notorch', '--microbatch_size=3')
+  assert result.returncode != 0
+  assert '--microbatch_size: microbatch size 3 must be' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_bench_compares_with_torch():

@@ -11,7 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import pytest
+
+from pinet_jax import steps
 
 from conftest import REPO_ROOT
 
@@ -63,6 +66,8 @@ def test_train_mnist_reaches_accuracy(data_flags, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   log = result.stderr
   assert 'Compiled train_step' in log
+  microbatch = steps.resolve_microbatch_size(0, 128, jax.default_backend())
+  assert f'Microbatches of {microbatch} of the 128 examples per train' in log
   assert 'img/s, ETA' in log
   assert 'Final test accuracy' in log
   final = read_metrics(tmp_path)[-1]

@@ -1,5 +1,6 @@
 """Training mechanics on real MNIST slices: steps, traces, eval, resume."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -67,6 +68,85 @@ def test_train_step_lowers_loss_on_fixed_batch(mnist_dir):
   # needs some steps to leave that plateau; 40 steps reach about 1.5.
   np.testing.assert_allclose(losses[0], np.log(10), rtol=0.01)
   assert losses[-1] < 0.8 * losses[0]
+
+
+def mnist_batch(mnist_dir, size):
+  images, labels = raw_files.load_mnist(mnist_dir, 'test')
+  return {
+    'image': jnp.asarray(images[:size] / 255.0, jnp.float32),
+    'label': jnp.asarray(labels[:size], jnp.int32),
+  }
+
+
+@pytest.mark.parametrize('microbatch_size', [8, 16, 32])
+def test_microbatches_give_the_whole_batch_gradients(
+  mnist_dir, microbatch_size
+):
+  batch = mnist_batch(mnist_dir, 64)
+  model = models.PolyNet(width=8, formulation='s2d')
+  state = steps.create_train_state(
+    model, optax.adam(1e-3), (28, 28, 1), jax.random.key(3)
+  )
+  rng = jax.random.key(4)
+  whole_metrics, whole = jax.jit(steps.loss_and_grads)(state, batch, rng)
+  split = functools.partial(
+    steps.loss_and_grads, microbatch_size=microbatch_size
+  )
+  # The option must really loop over microbatches, not fall back.
+  assert 'stablehlo.while' in jax.jit(split).lower(state, batch, rng).as_text()
+  metrics, grads = jax.jit(split)(state, batch, rng)
+
+  np.testing.assert_allclose(metrics['loss'], whole_metrics['loss'], rtol=1e-6)
+  assert float(metrics['accuracy']) == float(whole_metrics['accuracy'])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(whole):
+    scale = float(jnp.max(jnp.abs(leaf)))
+    assert scale > 0, path
+    got = functools.reduce(lambda tree, key: tree[key.key], path, grads)
+    np.testing.assert_allclose(got, leaf, rtol=0, atol=1e-5 * scale)
+
+
+def test_microbatched_eval_equals_whole_batch():
+  model = models.PolyNet(width=4, formulation='s2d')
+  state = steps.create_train_state(
+    model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0)
+  )
+  batch = {
+    'image': jax.random.uniform(jax.random.key(2), (8, 28, 28, 1)),
+    'label': jnp.arange(8) % 10,
+    'mask': jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32),
+  }
+  whole = steps.eval_step(state, batch)
+  parts = steps.eval_step(state, batch, microbatch_size=2)
+  np.testing.assert_allclose(parts['loss_sum'], whole['loss_sum'], rtol=1e-6)
+  assert float(parts['correct']) == float(whole['correct'])
+  assert float(parts['count']) == 6.0
+
+
+@pytest.mark.parametrize(
+  'requested, batch_size, platform, expected',
+  [
+    (0, 128, 'cpu', 16),
+    (0, 1000, 'cpu', 10),
+    (0, 96, 'cpu', 16),
+    (0, 36, 'cpu', 12),
+    (0, 7, 'cpu', 7),
+    (0, 128, 'gpu', 128),
+    (0, 128, 'tpu', 128),
+    (32, 128, 'cpu', 32),
+    (32, 128, 'gpu', 32),
+    (128, 128, 'cpu', 128),
+  ],
+)
+def test_resolve_microbatch_size(requested, batch_size, platform, expected):
+  assert (
+    steps.resolve_microbatch_size(requested, batch_size, platform) == expected
+  )
+
+
+@pytest.mark.parametrize('requested', [-1, 5, 256])
+def test_resolve_microbatch_size_rejects_non_divisors(requested):
+  with pytest.raises(ValueError, match=f'microbatch size {requested} must'):
+    steps.resolve_microbatch_size(requested, 128, 'cpu')
 
 
 def test_eval_step_ignores_masked_examples():
@@ -250,6 +330,13 @@ def test_divergence_stops_before_saving(tiny_config, tmp_path):
     ('eval_split', 'test[:abc]', 'invalid --config.eval_split'),
     ('model_kwargs.init_scheme', 'xavier', 'model_kwargs.*xavier'),
     ('model_kwargs.formulation', 'fft', 'model_kwargs.*fft'),
+    (
+      'microbatch_size',
+      48,
+      r'microbatch_size=48 must be 0 \(automatic\) or divide '
+      r'--config.batch_size=64',
+    ),
+    ('microbatch_size', -16, r'microbatch_size=-16 must be 0'),
   ],
 )
 def test_invalid_value_is_config_error(
