@@ -47,7 +47,9 @@ flags.DEFINE_integer(
   'does. A smaller size than the batch adds a whole-batch JAX row.',
 )
 flags.DEFINE_integer('steps', 20, 'Train steps per timed round.')
-flags.DEFINE_integer('rounds', 5, 'Timed rounds, each JAX then PyTorch.')
+flags.DEFINE_integer(
+  'rounds', 5, 'Timed rounds; each round times every JAX and PyTorch row once.'
+)
 flags.DEFINE_bool(
   'torch', True, 'Time the PyTorch reference too, when torch is installed.'
 )
@@ -271,7 +273,9 @@ def run_benchmarks() -> list[Row]:
     FLAGS.microbatch_size, batch, jax.default_backend()
   )
   jax_bench = JaxBench(shape, batch, FLAGS.width, FLAGS.formulation, microbatch)
-  jax_name = f'JAX {FLAGS.formulation}, microbatch {microbatch}'
+  jax_name = f'JAX {FLAGS.formulation}, ' + (
+    'whole batch' if microbatch == batch else f'microbatch {microbatch}'
+  )
   rows.append(
     Row(
       'train-step compile',

@@ -56,10 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 64
   config.eval_batch_size = 1000
-  # Examples per forward and backward pass inside a step; the gradients of
-  # a step's microbatches add up to its whole batch's. 0 chooses: 16 or a
-  # nearby divisor of the batch on CPU, where that is faster, and the whole
-  # batch on GPU and TPU. Otherwise it must divide both batch sizes.
+  # Examples per forward and backward pass inside a train step; the
+  # gradients of a step's microbatches add up to its whole batch's. 0
+  # chooses: a divisor of the batch from 16 down to 8 on CPU, where that is
+  # faster, and the whole batch on GPU and TPU. Otherwise it must divide
+  # batch_size. Evaluation always chooses, because its microbatches give
+  # identical results.
   config.microbatch_size = 0
   config.num_epochs = 10
   # When positive, the run's length in steps, replacing num_epochs: it may
@@ -110,16 +112,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.weight_decay >= 0.0,
     f'--config.weight_decay must be >= 0, got {config.weight_decay}',
   )
-  for name in ('batch_size', 'eval_batch_size'):
-    _require(
-      config.microbatch_size == 0
-      or (
-        config.microbatch_size > 0
-        and config[name] % config.microbatch_size == 0
-      ),
-      f'--config.microbatch_size={config.microbatch_size} must be 0 '
-      f'(automatic) or divide --config.{name}={config[name]}',
-    )
+  _require(
+    config.microbatch_size == 0
+    or (
+      config.microbatch_size > 0
+      and config.batch_size % config.microbatch_size == 0
+    ),
+    f'--config.microbatch_size={config.microbatch_size} must be 0 '
+    f'(automatic) or divide --config.batch_size={config.batch_size}',
+  )
   _require(
     config.seed >= 0,
     f'--config.seed must be a non-negative integer, got {config.seed}',

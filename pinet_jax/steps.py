@@ -1,5 +1,6 @@
 """Pure training and evaluation steps, and the state they transform."""
 
+import numbers
 from typing import Any
 
 import jax
@@ -48,10 +49,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-# Microbatch size that `resolve_microbatch_size` prefers on CPU, where a
-# step's working set for 16 images fits the caches and one for 128 does not.
-# Measured with the reference network on a 2-core x86-64 CPU, batch 128:
-# train steps 1.7x and eval steps 1.5x faster than the whole batch at once.
+# Microbatch size that `resolve_microbatch_size` prefers on CPU. With the
+# reference network at batch 128 on a 2-core x86-64 CPU, microbatches of 16
+# made train steps 1.7x and eval steps 1.4x faster than the whole batch,
+# likely because a 16-image working set fits the caches; 8 and 32 were
+# slower. NOTE: measured only on that 2-core machine; other CPUs may
+# prefer another size, which --config.microbatch_size sets.
 CPU_MICROBATCH_SIZE = 16
 
 
@@ -93,8 +96,17 @@ def _split_batch(batch: Batch, microbatch_size: int) -> Batch:
   }
 
 
-def _check_divides(microbatch_size: int, batch: Batch) -> int:
+def _check_divides(microbatch_size: int | None, batch: Batch) -> int:
+  """Return the batch size, checking that `microbatch_size` divides it."""
   batch_size = batch['label'].shape[0]
+  if microbatch_size is None:
+    return batch_size
+  if not isinstance(microbatch_size, numbers.Integral):
+    raise TypeError(
+      f'microbatch_size must be a Python int, got {type(microbatch_size)}; '
+      "under jax.jit pass it with static_argnames='microbatch_size' or "
+      'functools.partial'
+    )
   if microbatch_size <= 0 or batch_size % microbatch_size:
     raise ValueError(
       f'microbatch_size={microbatch_size} must be a positive divisor of the '
@@ -122,14 +134,14 @@ def loss_and_grads(
     batch: 'image' float (batch, H, W, C) and 'label' int32 (batch,).
     rng: the step's key, passed to the model as its 'dropout' stream; each
       microbatch gets its own key split from it.
-    microbatch_size: a divisor of the batch size; None takes the whole
-      batch at once.
+    microbatch_size: a Python int that divides the batch size (static
+      under jax.jit); None takes the whole batch at once.
 
   Returns:
-    {'loss', 'accuracy'} as float32 scalars, and gradients shaped like
+    {'loss', 'accuracy'} as scalars, and gradients shaped like
     `state.params`.
   """
-  batch_size = _check_divides(microbatch_size or len(batch['label']), batch)
+  batch_size = _check_divides(microbatch_size, batch)
 
   def loss_fn(params, part, part_rng):
     logits = state.apply_fn(
@@ -151,13 +163,17 @@ def loss_and_grads(
       return jax.tree.map(jnp.add, totals, (loss, correct, grads)), None
 
     parts = _split_batch(batch, microbatch_size)
-    zeros = (
-      jnp.zeros((), jnp.float32),
-      jnp.zeros((), jnp.int32),
-      jax.tree.map(jnp.zeros_like, state.params),
-    )
     keys = jax.random.split(rng, batch_size // microbatch_size)
-    (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, (parts, keys))
+    # The sums start at zeros of the dtypes one microbatch gives, which
+    # depend on the parameters' dtype and on JAX's x64 mode.
+    shapes = jax.eval_shape(
+      grad_fn, state.params, jax.tree.map(lambda x: x[0], parts), keys[0]
+    )
+    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+    (loss, correct), grads = zeros
+    (loss, correct, grads), _ = jax.lax.scan(
+      accumulate, (loss, correct, grads), (parts, keys)
+    )
   metrics = {'loss': loss, 'accuracy': correct.astype(jnp.float32) / batch_size}
   return metrics, grads
 
@@ -176,7 +192,8 @@ def train_step(
     rng: the run's base key; the step's key is fold_in(rng, state.step), so
       a resumed run draws the same randomness as an uninterrupted one.
     microbatch_size: see `loss_and_grads`; a speed setting that leaves the
-      update equal up to rounding.
+      update equal up to rounding, except for models that draw from the
+      'dropout' stream, whose microbatches get keys of their own.
 
   Returns:
     The new state and the batch's mean 'loss' and 'accuracy' before the
@@ -196,15 +213,16 @@ def eval_step(
     state: parameters to evaluate.
     batch: as for `train_step`, plus 'mask' float32 (batch,) that is 0 on
       padding.
-    microbatch_size: a divisor of the batch size; the logits are computed
-      for one microbatch after another, which gives the same values and is
-      faster on CPU. None takes the whole batch at once.
+    microbatch_size: a Python int that divides the batch size (static
+      under jax.jit); the logits are computed for one microbatch after
+      another, which gives the same values and is faster on CPU. None takes
+      the whole batch at once.
 
   Returns:
     'loss_sum', 'correct' and 'count', each a float32 scalar, so batches
     add up to exact totals.
   """
-  batch_size = _check_divides(microbatch_size or len(batch['label']), batch)
+  batch_size = _check_divides(microbatch_size, batch)
 
   def logits_of(images: jax.Array) -> jax.Array:
     return state.apply_fn({'params': state.params}, images)

@@ -416,15 +416,24 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
 
 
 def _microbatch_size(config: ml_collections.ConfigDict, field: str) -> int:
-  """Resolve --config.microbatch_size for the batch size in `field`."""
+  """Resolve the microbatch size for the batch size in `field`.
+
+  Training uses --config.microbatch_size; evaluation always chooses
+  automatically, because its microbatches change no result.
+  """
+  batch_size = config[field]
+  training = field == 'batch_size'
   size = steps.resolve_microbatch_size(
-    config.microbatch_size, config[field], jax.default_backend()
+    config.microbatch_size if training else 0,
+    batch_size,
+    jax.default_backend(),
   )
   logging.info(
-    'Microbatches of %d of the %d examples per %s step.',
+    '%s step: %d microbatches of %d examples (batch %d).',
+    'Train' if training else 'Eval',
+    batch_size // size,
     size,
-    config[field],
-    'train' if field == 'batch_size' else 'eval',
+    batch_size,
   )
   return size
 

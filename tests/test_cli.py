@@ -67,7 +67,10 @@ def test_train_mnist_reaches_accuracy(data_flags, tmp_path):
   log = result.stderr
   assert 'Compiled train_step' in log
   microbatch = steps.resolve_microbatch_size(0, 128, jax.default_backend())
-  assert f'Microbatches of {microbatch} of the 128 examples per train' in log
+  assert (
+    f'Train step: {128 // microbatch} microbatches of {microbatch} '
+    'examples (batch 128).'
+  ) in log
   assert 'img/s, ETA' in log
   assert 'Final test accuracy' in log
   final = read_metrics(tmp_path)[-1]

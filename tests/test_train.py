@@ -122,6 +122,70 @@ def test_microbatched_eval_equals_whole_batch():
   assert float(parts['count']) == 6.0
 
 
+def zero_batch_setup():
+  """Return a width-4 PolyNet state and an all-zero eval batch of 8."""
+  model = models.PolyNet(width=4, formulation='s2d')
+  state = steps.create_train_state(
+    model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0)
+  )
+  batch = {
+    'image': jnp.zeros((8, 28, 28, 1)),
+    'label': jnp.zeros(8, jnp.int32),
+    'mask': jnp.ones(8),
+  }
+  return state, batch
+
+
+def test_microbatched_eval_loops_under_jit():
+  state, batch = zero_batch_setup()
+  step = jax.jit(steps.eval_step, static_argnames='microbatch_size')
+  assert 'stablehlo.while' in step.lower(state, batch, 4).as_text()
+  assert 'stablehlo.while' not in step.lower(state, batch, 8).as_text()
+
+
+@pytest.mark.parametrize('function', ['loss_and_grads', 'eval_step'])
+@pytest.mark.parametrize('size', [0, 3, -4])
+def test_steps_reject_invalid_microbatch_size(function, size):
+  state, batch = zero_batch_setup()
+  args = (jax.random.key(1),) if function == 'loss_and_grads' else ()
+  with pytest.raises(ValueError, match=f'microbatch_size={size} must be a'):
+    getattr(steps, function)(state, batch, *args, microbatch_size=size)
+
+
+def test_traced_microbatch_size_is_rejected():
+  state, batch = zero_batch_setup()
+  with pytest.raises(TypeError, match="static_argnames='microbatch_size'"):
+    jax.jit(steps.train_step)(state, batch, jax.random.key(1), 4)
+
+
+def test_microbatches_work_in_float64():
+  with jax.enable_x64(True):
+    model = models.PolyNet(width=4, formulation='s2d', dtype=jnp.float64)
+    state = steps.create_train_state(
+      model, optax.sgd(0.1), (28, 28, 1), jax.random.key(0)
+    )
+    batch = {
+      'image': jnp.full((8, 28, 28, 1), 0.5, jnp.float64),
+      'label': jnp.arange(8) % 10,
+    }
+    whole, whole_grads = steps.loss_and_grads(state, batch, jax.random.key(1))
+    parts, grads = steps.loss_and_grads(
+      state, batch, jax.random.key(1), microbatch_size=2
+    )
+  # The loss is float64; the gradients keep the float32 parameters' dtype.
+  assert parts['loss'].dtype == jnp.float64
+  np.testing.assert_allclose(parts['loss'], whole['loss'], rtol=1e-12)
+  chex.assert_trees_all_close(grads, whole_grads, rtol=1e-5, atol=1e-9)
+
+
+def test_explicit_microbatch_size_trains(tiny_config, tmp_path):
+  tiny_config.microbatch_size = 32
+  tiny_config.num_train_steps = 3
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final['step'] == 3
+  assert np.isfinite(final['eval_loss'])
+
+
 @pytest.mark.parametrize(
   'requested, batch_size, platform, expected',
   [
