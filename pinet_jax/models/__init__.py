@@ -1,13 +1,16 @@
 """Polynomial network models, importable without TensorFlow.
 
 `get_model(name, **kwargs)` builds a registered model by name, as the
-training configs do; the classes are exported for direct use.
+training configs do; the classes are exported for direct use, with
+`polynet_from_torch` (PyTorch weights of the reference network) and
+`certify_degree` (a numerical check of a model's polynomial degree).
 """
 
 from collections.abc import Callable
 
 from flax import linen as nn
 
+from pinet_jax.models.degree import DegreeCertificate, certify_degree
 from pinet_jax.models.initializers import SCHEMES as INIT_SCHEMES
 from pinet_jax.models.initializers import layer_init
 from pinet_jax.models.polynet import POLYNET_BLOCKS, BlockSpec, PolyNet
@@ -16,6 +19,7 @@ from pinet_jax.models.product_block import (
   block_output_sizes,
   conv_output_size,
 )
+from pinet_jax.models.torch_import import polynet_from_torch
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
   'polynet': PolyNet,
@@ -45,11 +49,14 @@ __all__ = [
   'MODELS',
   'POLYNET_BLOCKS',
   'BlockSpec',
+  'DegreeCertificate',
   'PolyNet',
   'ProductBlock',
   'block_output_sizes',
+  'certify_degree',
   'conv_output_size',
   'get_model',
   'layer_init',
   'list_models',
+  'polynet_from_torch',
 ]
