@@ -3,7 +3,8 @@
 `get_model(name, **kwargs)` builds a registered model by name, as the
 training configs do; the classes are exported for direct use, with
 `polynet_from_torch` (PyTorch weights of the reference network) and
-`certify_degree` (a numerical check of a model's polynomial degree).
+`certify_degree` (a numerical check of a model's polynomial degree) and
+`activation_rms` (each block's output scale, to find where a run blows up).
 """
 
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from flax import linen as nn
 
 from pinet_jax.models.degree import DegreeCertificate, certify_degree
+from pinet_jax.models.diagnostics import activation_rms
 from pinet_jax.models.initializers import SCHEMES as INIT_SCHEMES
 from pinet_jax.models.initializers import layer_init
 from pinet_jax.models.polynet import POLYNET_BLOCKS, BlockSpec, PolyNet
@@ -52,6 +54,7 @@ __all__ = [
   'DegreeCertificate',
   'PolyNet',
   'ProductBlock',
+  'activation_rms',
   'block_output_sizes',
   'certify_degree',
   'conv_output_size',
