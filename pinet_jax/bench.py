@@ -29,6 +29,7 @@ from absl import app, flags
 
 from pinet_jax import config as config_lib
 from pinet_jax import models, steps
+from pinet_jax.errors import UserInputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('dataset', 'mnist', ['mnist', 'cifar10'], 'Input shape.')
@@ -58,6 +59,17 @@ flags.DEFINE_string(
   '',
   'Folder of raw dataset files for the input-pipeline figure; empty skips it.',
 )
+
+flags.DEFINE_string(
+  'tfds_data_dir',
+  '',
+  'Where tfds keeps the prepared dataset; empty means TFDS_DATA_DIR or '
+  '~/tensorflow_datasets.',
+)
+for _name in ('batch_size', 'width', 'steps', 'rounds'):
+  flags.register_validator(
+    _name, lambda value: value >= 1, message=f'--{_name} must be at least 1'
+  )
 
 # Side of the square float32 matrices of the matmul peak measurement.
 MATMUL_SIZE = 2048
@@ -234,16 +246,27 @@ def _time_rounds(benches: dict[str, object], method: str, count: int):
   return times
 
 
-def _pipeline_images_per_second() -> float:
-  """Return img/s of one training epoch through tfds and tf.data."""
+def load_train_split():
+  """Load the training split of --data_dir through tfds, or return None.
+
+  Raises:
+    pinet_jax.errors.UserInputError: the folder or its files are invalid.
+  """
+  if not FLAGS.data_dir:
+    return None
   from pinet_jax.data import pipeline, sources
 
   config = config_lib.default_config()
   config.dataset = FLAGS.dataset
   config.data_dir = FLAGS.data_dir
-  config.augment = FLAGS.dataset == 'cifar10'
-  builder = sources.get_builder(config)
-  data = pipeline.load_split(builder, 'train')
+  config.tfds_data_dir = FLAGS.tfds_data_dir
+  return pipeline.load_split(sources.get_builder(config), 'train')
+
+
+def _pipeline_images_per_second(data) -> float:
+  """Return img/s of one training epoch of `data` through tf.data."""
+  from pinet_jax.data import pipeline
+
   start = time.perf_counter()
   count = 0
   for batch in pipeline.train_batches(
@@ -251,14 +274,19 @@ def _pipeline_images_per_second() -> float:
     batch_size=FLAGS.batch_size,
     seed=0,
     epoch=0,
-    augment=config.augment,
+    augment=FLAGS.dataset == 'cifar10',
   ):
     count += len(batch['label'])
   return count / (time.perf_counter() - start)
 
 
-def run_benchmarks() -> list[Row]:
-  """Run every measurement and return the table rows."""
+def run_benchmarks(train_data=None) -> list[Row]:
+  """Run every measurement and return the table rows.
+
+  Args:
+    train_data: `load_train_split()`'s result; None skips the input
+      pipeline row.
+  """
   shape = _image_shape(FLAGS.dataset)
   batch = FLAGS.batch_size
   rows = [
@@ -340,8 +368,8 @@ def run_benchmarks() -> list[Row]:
       'cost analysis)',
     )
   )
-  if FLAGS.data_dir:
-    rate = _pipeline_images_per_second()
+  if train_data is not None:
+    rate = _pipeline_images_per_second(train_data)
     train_rate = batch * FLAGS.steps / statistics.median(train_times[jax_name])
     rows.append(
       Row(
@@ -378,7 +406,13 @@ def main(argv: list[str]) -> None:
     )
   except ValueError as error:
     raise app.UsageError(f'--microbatch_size: {error}') from error
-  print(format_table(run_benchmarks()), flush=True)
+  # Reading the data first reports a wrong folder before minutes of timing.
+  try:
+    train_data = load_train_split()
+  except UserInputError as error:
+    message = str(error).replace('--config.data_dir', '--data_dir')
+    raise app.UsageError(f'--data_dir={FLAGS.data_dir}: {message}') from error
+  print(format_table(run_benchmarks(train_data)), flush=True)
 
 
 if __name__ == '__main__':

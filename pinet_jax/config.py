@@ -73,6 +73,34 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def polynomial_config(
+  dataset: str, model: str, degree: int, width: int, num_epochs: int
+) -> ml_collections.ConfigDict:
+  """Return the recipe the CCP and NCP experiments share.
+
+  Adam at batch 128 with a one-cycle schedule (10% linear warm-up to lr
+  1e-3, then cosine decay), PyTorch's initialisation, pixels in [0, 1].
+
+  Args:
+    dataset: 'mnist' or 'cifar10'.
+    model: a registered CCP or NCP model, such as 'ccp_dense'.
+    degree: the polynomial degree N.
+    width: features of the polynomial layer.
+    num_epochs: passes over the training split.
+  """
+  config = default_config()
+  config.dataset = dataset
+  config.model = model
+  config.model_kwargs = ml_collections.ConfigDict(
+    {'width': width, 'degree': degree, 'init_scheme': 'pytorch'}
+  )
+  config.batch_size = 128
+  config.schedule = 'one_cycle'
+  config.warmup_fraction = 0.1
+  config.num_epochs = num_epochs
+  return config
+
+
 def _require(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
@@ -119,7 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       and config.batch_size % config.microbatch_size == 0
     ),
     f'--config.microbatch_size={config.microbatch_size} must be 0 '
-    f'(automatic) or divide --config.batch_size={config.batch_size}',
+    '(automatic) or a positive divisor of '
+    f'--config.batch_size={config.batch_size}',
   )
   _require(
     config.seed >= 0,

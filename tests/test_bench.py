@@ -71,3 +71,11 @@ def test_bench_compares_with_torch():
   rows = table_rows(result.stdout)
   ratios = [name for name in rows if name.startswith('train speed ratio')]
   assert len(ratios) == 2, result.stdout
+
+
+def test_bench_rejects_a_missing_data_dir_before_timing(tmp_path):
+  result = run_bench('--notorch', f'--data_dir={tmp_path / "absent"}')
+  assert result.returncode != 0
+  assert f'--data_dir={tmp_path / "absent"}: MNIST folder' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert '| metric |' not in result.stdout

@@ -397,8 +397,8 @@ def test_divergence_stops_before_saving(tiny_config, tmp_path):
     (
       'microbatch_size',
       48,
-      r'microbatch_size=48 must be 0 \(automatic\) or divide '
-      r'--config.batch_size=64',
+      r'microbatch_size=48 must be 0 \(automatic\) or a positive divisor '
+      r'of --config.batch_size=64',
     ),
     ('microbatch_size', -16, r'microbatch_size=-16 must be 0'),
   ],

@@ -16,6 +16,15 @@ from pinet_jax.models.diagnostics import activation_rms
 from pinet_jax.models.initializers import SCHEMES as INIT_SCHEMES
 from pinet_jax.models.initializers import layer_init
 from pinet_jax.models.polynet import POLYNET_BLOCKS, BlockSpec, PolyNet
+from pinet_jax.models.polynomial import (
+  DECOMPOSITIONS,
+  CCPConv,
+  CCPDense,
+  NCPDense,
+  NCPSkipConv,
+  PolynomialClassifier,
+  PolynomialLayer,
+)
 from pinet_jax.models.product_block import (
   ProductBlock,
   block_output_sizes,
@@ -25,6 +34,10 @@ from pinet_jax.models.torch_import import polynet_from_torch
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
   'polynet': PolyNet,
+  'ccp_dense': CCPDense,
+  'ncp_dense': NCPDense,
+  'ccp_conv': CCPConv,
+  'ncp_skip_conv': NCPSkipConv,
 }
 
 
@@ -47,12 +60,19 @@ def list_models() -> list[str]:
 
 
 __all__ = [
+  'DECOMPOSITIONS',
   'INIT_SCHEMES',
   'MODELS',
+  'NCPDense',
+  'NCPSkipConv',
   'POLYNET_BLOCKS',
   'BlockSpec',
+  'CCPConv',
+  'CCPDense',
   'DegreeCertificate',
   'PolyNet',
+  'PolynomialClassifier',
+  'PolynomialLayer',
   'ProductBlock',
   'activation_rms',
   'block_output_sizes',

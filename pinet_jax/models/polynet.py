@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pinet_jax.models import initializers
+from pinet_jax.models.images import check_images
 from pinet_jax.models.product_block import ProductBlock
 
 
@@ -76,18 +77,7 @@ class PolyNet(nn.Module):
       ValueError: `images` is not floating-point, not 4-D with `in_channels`
         channels, or too small for the five blocks.
     """
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-      # Pixels of 0..255 overflow a degree-32 polynomial to NaN.
-      raise ValueError(
-        f'PolyNet expects floating-point images scaled to [0, 1], got dtype '
-        f'{images.dtype}; convert with images / 255'
-      )
-    if images.ndim != 4 or images.shape[-1] != self.in_channels:
-      raise ValueError(
-        f'PolyNet expects images of shape (batch, height, width, '
-        f'{self.in_channels}), got {images.shape}; set in_channels to the '
-        'number of image channels'
-      )
+    check_images(images, self.in_channels, 'PolyNet')
     x = images
     for index, spec in enumerate(POLYNET_BLOCKS, start=1):
       if min(x.shape[1:3]) + 2 * spec.padding < spec.kernel_size:

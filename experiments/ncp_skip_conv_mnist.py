@@ -1,0 +1,19 @@
+"""ncp_skip_conv of degree 4, width 32, on MNIST.
+
+Command:
+  .venv/bin/python -m pinet_jax.main \\
+      --config experiments/ncp_skip_conv_mnist.py \\
+      --workdir workdirs/ncp_skip_conv_mnist \\
+      --config.data_dir=/path/to/mnist
+
+The recipe is `pinet_jax.config.polynomial_config`'s: Adam, batch 128,
+one-cycle schedule to lr 1e-3, 3 epochs.
+"""
+
+from pinet_jax.config import polynomial_config
+
+
+def get_config():
+  return polynomial_config(
+    'mnist', 'ncp_skip_conv', degree=4, width=32, num_epochs=3
+  )
