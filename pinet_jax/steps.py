@@ -51,10 +51,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 # Microbatch size that `resolve_microbatch_size` prefers on CPU. With the
 # reference network at batch 128 on a 2-core x86-64 CPU, microbatches of 16
-# made train steps 1.7x and eval steps 1.4x faster than the whole batch,
-# likely because a 16-image working set fits the caches; 8 and 32 were
-# slower. NOTE: measured only on that 2-core machine; other CPUs may
-# prefer another size, which --config.microbatch_size sets.
+# made train steps 1.7x and eval steps 1.4x faster than the whole batch.
+# The likely reason is that a 16-image working set fits the caches. Sizes
+# 8 and 32 were slower. NOTE: measured only on that 2-core machine; other
+# CPUs may prefer another size, which --config.microbatch_size sets.
 CPU_MICROBATCH_SIZE = 16
 
 

@@ -96,7 +96,7 @@ def polynet_from_torch(
     `model.apply({'params': params}, images)` with NHWC images gives the
     PyTorch model's logits for the same images in NCHW. The last feature
     map is taken as square, as it is for square images such as MNIST's and
-    CIFAR-10's; weights trained on non-square images would convert with
+    CIFAR-10's. Weights trained on non-square images would convert with
     the head's rows and columns mixed up.
 
   Raises:
