@@ -362,7 +362,9 @@ def _train(
           batch,
           run.step_rng,
           donate=True,
-          microbatch_size=_microbatch_size(config, 'batch_size'),
+          microbatch_size=_microbatch_size(
+            'Train', config.microbatch_size, config.batch_size
+          ),
         )
       if throughput is None:
         throughput = progress.Throughput(
@@ -411,26 +413,19 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
     steps.eval_step,
     state,
     example,
-    microbatch_size=_microbatch_size(run.config, 'eval_batch_size'),
+    # Evaluation always chooses, because its microbatches change no result.
+    microbatch_size=_microbatch_size('Eval', 0, run.config.eval_batch_size),
   )
 
 
-def _microbatch_size(config: ml_collections.ConfigDict, field: str) -> int:
-  """Resolve the microbatch size for the batch size in `field`.
-
-  Training uses --config.microbatch_size; evaluation always chooses
-  automatically, because its microbatches change no result.
-  """
-  batch_size = config[field]
-  training = field == 'batch_size'
+def _microbatch_size(step: str, requested: int, batch_size: int) -> int:
+  """Resolve and log the microbatch size of the `step` ('Train' or 'Eval')."""
   size = steps.resolve_microbatch_size(
-    config.microbatch_size if training else 0,
-    batch_size,
-    jax.default_backend(),
+    requested, batch_size, jax.default_backend()
   )
   logging.info(
     '%s step: %d microbatches of %d examples (batch %d).',
-    'Train' if training else 'Eval',
+    step,
     batch_size // size,
     size,
     batch_size,

@@ -74,3 +74,21 @@ def layer_init(scheme: str, fan_in: int) -> LayerInit:
   if fan_in < 1:
     raise ValueError(f'fan_in must be positive, got {fan_in}')
   return SCHEMES[scheme](fan_in)
+
+
+def dense(
+  features: int,
+  fan_in: int,
+  scheme: str,
+  name: str,
+  dtype: jnp.dtype | None = None,
+) -> nn.Dense:
+  """Return an `nn.Dense` initialised by `scheme` for `fan_in` inputs."""
+  init = layer_init(scheme, fan_in)
+  return nn.Dense(
+    features,
+    kernel_init=init.kernel,
+    bias_init=init.bias,
+    dtype=dtype,
+    name=name,
+  )

@@ -99,11 +99,6 @@ class PolyNet(nn.Module):
     # NHWC flatten order (row, column, channel); PyTorch's NCHW flatten is
     # (channel, row, column), which matters only when importing weights.
     x = x.reshape(x.shape[0], -1)
-    head_init = initializers.layer_init(self.init_scheme, x.shape[-1])
-    return nn.Dense(
-      self.num_classes,
-      kernel_init=head_init.kernel,
-      bias_init=head_init.bias,
-      dtype=self.dtype,
-      name='head',
+    return initializers.dense(
+      self.num_classes, x.shape[-1], self.init_scheme, 'head', self.dtype
     )(x)

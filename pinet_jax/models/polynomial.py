@@ -59,16 +59,11 @@ class PolynomialLayer(nn.Module):
     layer's convolutions and the state maps 1x1 convolutions.
     """
     size = self.kernel_size if on_input else min(self.kernel_size, 1)
-    init = initializers.layer_init(
-      self.init_scheme, in_features * max(size, 1) ** 2
-    )
     if size == 0:
-      return nn.Dense(
-        self.features,
-        kernel_init=init.kernel,
-        bias_init=init.bias,
-        name=name,
+      return initializers.dense(
+        self.features, in_features, self.init_scheme, name
       )
+    init = initializers.layer_init(self.init_scheme, in_features * size**2)
     padding = self.padding if on_input else 0
     # NOTE: XLA's convolution is slow on CPU at small batches (about 1,000
     # img/s for CCPConv on CIFAR-10 in microbatches of 16). The input maps
@@ -156,12 +151,8 @@ class PolynomialClassifier(nn.Module):
       name='polynomial',
     )(x)
     x = x.reshape(x.shape[0], -1)
-    head = initializers.layer_init(self.init_scheme, x.shape[-1])
-    return nn.Dense(
-      self.num_classes,
-      kernel_init=head.kernel,
-      bias_init=head.bias,
-      name='head',
+    return initializers.dense(
+      self.num_classes, x.shape[-1], self.init_scheme, 'head'
     )(x)
 
 
