@@ -6,6 +6,7 @@ batches consumed, which fixes the epoch and the position inside it, so a
 resumed run continues the same data order.
 """
 
+import json
 import os
 from typing import Any
 
@@ -104,7 +105,8 @@ def _check_compatible(
     kwargs = dict(values.get('model_kwargs') or {})
     for key in LAYOUT_FREE_MODEL_KWARGS:
       kwargs.pop(key, None)
-    return {**values, 'model_kwargs': kwargs}
+    # The saved config went through JSON, which turns tuples into lists.
+    return json.loads(json.dumps({**values, 'model_kwargs': kwargs}))
 
   saved = comparable(metadata['config'])
   current = comparable(config.to_dict())

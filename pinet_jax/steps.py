@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
+from flax import struct
 from flax.training import train_state
 
 Batch = dict[str, jax.Array]
@@ -14,10 +15,27 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-  """Step counter, parameters and optimiser state.
+  """Step counter, parameters, optimiser state and batch statistics.
 
   `step` counts the training batches consumed since the start of the run.
+  `batch_stats` holds the running averages of the model's BatchNorm layers,
+  updated by every train step and read by evaluation; it is an empty dict
+  for models without batch statistics.
   """
+
+  batch_stats: Any = struct.field(default_factory=dict)
+
+  def variables(self, params: Any = None) -> dict[str, Any]:
+    """Return the Flax variables to apply the model with.
+
+    Args:
+      params: parameters to use instead of `self.params`, such as the
+        ones being differentiated.
+    """
+    variables = {'params': self.params if params is None else params}
+    if self.batch_stats:
+      variables['batch_stats'] = self.batch_stats
+    return variables
 
 
 def create_train_state(
@@ -40,13 +58,31 @@ def create_train_state(
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = jax.jit(model.init)(rng, dummy)
   return TrainState.create(
-    apply_fn=model.apply, params=variables['params'], tx=optimizer
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=optimizer,
+    batch_stats=variables.get('batch_stats', {}),
   )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Return the per-example softmax cross-entropy, shape (batch,)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+  """Return the per-example softmax cross-entropy, shape (batch,).
+
+  Args:
+    logits: (batch, classes).
+    labels: int (batch,).
+    label_smoothing: the weight moved from the true class onto a uniform
+      distribution over all classes; 0 is the plain cross-entropy.
+  """
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(
+    jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+    label_smoothing,
+  )
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 # Microbatch size that `resolve_microbatch_size` prefers on CPU. With the
@@ -59,7 +95,10 @@ CPU_MICROBATCH_SIZE = 16
 
 
 def resolve_microbatch_size(
-  requested: int, batch_size: int, platform: str
+  requested: int,
+  batch_size: int,
+  platform: str,
+  batch_statistics: bool = False,
 ) -> int:
   """Return how many examples each forward and backward pass should take.
 
@@ -70,15 +109,23 @@ def resolve_microbatch_size(
       Accelerators keep the whole batch, which they fill best.
     batch_size: examples per step.
     platform: `jax.default_backend()`, such as 'cpu', 'gpu' or 'tpu'.
+    batch_statistics: the model normalises with batch statistics in
+      training. Its train step then needs the whole batch in one pass, so 0
+      chooses the whole batch and a smaller size is an error.
 
   Raises:
-    ValueError: `requested` is negative or does not divide `batch_size`.
+    ValueError: `requested` is negative or does not divide `batch_size`, or
+      is smaller than the batch of a model with batch statistics.
   """
   if requested < 0 or (requested and batch_size % requested):
     raise ValueError(
       f'microbatch size {requested} must be 0 (automatic) or a divisor of '
       f'the batch size {batch_size}'
     )
+  if batch_statistics:
+    if requested not in (0, batch_size):
+      raise ValueError(_batch_statistics_message(requested, batch_size))
+    return batch_size
   if requested:
     return requested
   if platform == 'cpu':
@@ -86,6 +133,15 @@ def resolve_microbatch_size(
       if batch_size % size == 0:
         return size
   return batch_size
+
+
+def _batch_statistics_message(microbatch_size: int, batch_size: int) -> str:
+  return (
+    f'microbatch size {microbatch_size} is smaller than the batch size '
+    f'{batch_size}, but the model normalises with batch statistics, which '
+    'would then come from each microbatch alone; use 0 (automatic) or the '
+    'batch size'
+  )
 
 
 def _split_batch(batch: Batch, microbatch_size: int) -> Batch:
@@ -120,62 +176,95 @@ def loss_and_grads(
   batch: Batch,
   rng: jax.Array,
   microbatch_size: int | None = None,
+  label_smoothing: float = 0.0,
 ) -> tuple[Metrics, Any]:
   """Return the batch's mean loss, its accuracy and the loss's gradients.
 
-  With `microbatch_size` smaller than the batch, the forward and backward
-  passes run on one microbatch after another and the gradients are summed,
-  which gives the whole batch's gradients up to rounding for models whose
-  examples do not interact. That holds for every model here: none has
-  batch statistics.
-
-  Args:
-    state: parameters and `apply_fn`.
-    batch: 'image' float (batch, H, W, C) and 'label' int32 (batch,).
-    rng: the step's key, passed to the model as its 'dropout' stream; each
-      microbatch gets its own key split from it.
-    microbatch_size: a Python int that divides the batch size (static
-      under jax.jit); None takes the whole batch at once.
+  `train_step` without the update; see `_forward_backward` for the
+  arguments.
 
   Returns:
     {'loss', 'accuracy'} as scalars, and gradients shaped like
     `state.params`.
   """
+  metrics, grads, _ = _forward_backward(
+    state, batch, rng, microbatch_size, label_smoothing
+  )
+  return metrics, grads
+
+
+def _forward_backward(
+  state: TrainState,
+  batch: Batch,
+  rng: jax.Array,
+  microbatch_size: int | None,
+  label_smoothing: float,
+) -> tuple[Metrics, Any, Any]:
+  """Apply the model in training mode and differentiate its loss.
+
+  With `microbatch_size` smaller than the batch, the forward and backward
+  passes run on one microbatch after another and the gradients are summed,
+  which gives the whole batch's gradients up to rounding for models whose
+  examples do not interact. Models with batch statistics make examples
+  interact, so for them a smaller microbatch size is an error.
+
+  Args:
+    state: parameters, batch statistics and `apply_fn`.
+    batch: 'image' float (batch, H, W, C) and 'label' int32 (batch,).
+    rng: the step's key, passed to the model as its 'dropout' stream; each
+      microbatch gets its own key split from it.
+    microbatch_size: a Python int that divides the batch size (static
+      under jax.jit); None takes the whole batch at once.
+    label_smoothing: see `cross_entropy`; the reported loss includes it.
+
+  Returns:
+    The metrics, the gradients and the batch statistics after this batch
+    (`state.batch_stats` itself when the model has none).
+  """
   batch_size = _check_divides(microbatch_size, batch)
+  whole = microbatch_size in (None, batch_size)
+  if state.batch_stats and not whole:
+    raise ValueError(_batch_statistics_message(microbatch_size, batch_size))
 
   def loss_fn(params, part, part_rng):
-    logits = state.apply_fn(
-      {'params': params}, part['image'], rngs={'dropout': part_rng}
+    outputs = state.apply_fn(
+      state.variables(params),
+      part['image'],
+      train=True,
+      rngs={'dropout': part_rng},
+      mutable=['batch_stats'],
     )
+    logits, updates = outputs
+    losses = cross_entropy(logits, part['label'], label_smoothing)
     # Each part contributes its share of the whole batch's mean, so the
     # parts' gradients add up to the mean's gradient.
-    loss = cross_entropy(logits, part['label']).sum() / batch_size
+    loss = losses.sum() / batch_size
     correct = jnp.sum(jnp.argmax(logits, -1) == part['label'])
-    return loss, correct
+    return loss, (correct, updates.get('batch_stats', state.batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if microbatch_size in (None, batch_size):
-    (loss, correct), grads = grad_fn(state.params, batch, rng)
+  if whole:
+    (loss, (correct, batch_stats)), grads = grad_fn(state.params, batch, rng)
   else:
 
     def accumulate(totals, inputs):
-      (loss, correct), grads = grad_fn(state.params, *inputs)
+      (loss, (correct, _)), grads = grad_fn(state.params, *inputs)
       return jax.tree.map(jnp.add, totals, (loss, correct, grads)), None
 
     parts = _split_batch(batch, microbatch_size)
     keys = jax.random.split(rng, batch_size // microbatch_size)
     # The sums start at zeros of the dtypes one microbatch gives, which
     # depend on the parameters' dtype and on JAX's x64 mode.
-    shapes = jax.eval_shape(
+    (loss, (correct, _)), grads = jax.eval_shape(
       grad_fn, state.params, jax.tree.map(lambda x: x[0], parts), keys[0]
     )
-    zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
-    (loss, correct), grads = zeros
-    (loss, correct, grads), _ = jax.lax.scan(
-      accumulate, (loss, correct, grads), (parts, keys)
+    zeros = jax.tree.map(
+      lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), (loss, correct, grads)
     )
+    (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, (parts, keys))
+    batch_stats = state.batch_stats
   metrics = {'loss': loss, 'accuracy': correct.astype(jnp.float32) / batch_size}
-  return metrics, grads
+  return metrics, grads, batch_stats
 
 
 def train_step(
@@ -183,6 +272,7 @@ def train_step(
   batch: Batch,
   rng: jax.Array,
   microbatch_size: int | None = None,
+  label_smoothing: float = 0.0,
 ) -> tuple[TrainState, Metrics]:
   """Take one optimiser step on `batch`.
 
@@ -191,17 +281,24 @@ def train_step(
     batch: 'image' float32 (batch, H, W, C) and 'label' int32 (batch,).
     rng: the run's base key; the step's key is fold_in(rng, state.step), so
       a resumed run draws the same randomness as an uninterrupted one.
-    microbatch_size: see `loss_and_grads`; a speed setting that leaves the
+    microbatch_size: a Python int that divides the batch size (static under
+      jax.jit), or None for the whole batch; a speed setting that leaves the
       update equal up to rounding, except for models that draw from the
-      'dropout' stream, whose microbatches get keys of their own.
+      'dropout' stream, whose microbatches get keys of their own. Models
+      with batch statistics need the whole batch.
+    label_smoothing: a Python float in [0, 1); see `cross_entropy`.
 
   Returns:
-    The new state and the batch's mean 'loss' and 'accuracy' before the
+    The new state, with the batch statistics of this batch folded into the
+    running averages, and the batch's mean 'loss' and 'accuracy' before the
     update.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  metrics, grads = loss_and_grads(state, batch, step_rng, microbatch_size)
-  return state.apply_gradients(grads=grads), metrics
+  metrics, grads, batch_stats = _forward_backward(
+    state, batch, step_rng, microbatch_size, label_smoothing
+  )
+  state = state.apply_gradients(grads=grads)
+  return state.replace(batch_stats=batch_stats), metrics
 
 
 def eval_step(
@@ -210,7 +307,7 @@ def eval_step(
   """Return sums over the unmasked examples of `batch`.
 
   Args:
-    state: parameters to evaluate.
+    state: parameters and running batch statistics to evaluate with.
     batch: as for `train_step`, plus 'mask' float32 (batch,) that is 0 on
       padding.
     microbatch_size: a Python int that divides the batch size (static
@@ -225,7 +322,7 @@ def eval_step(
   batch_size = _check_divides(microbatch_size, batch)
 
   def logits_of(images: jax.Array) -> jax.Array:
-    return state.apply_fn({'params': state.params}, images)
+    return state.apply_fn(state.variables(), images, train=False)
 
   if microbatch_size in (None, batch_size):
     logits = logits_of(batch['image'])

@@ -109,6 +109,7 @@ class _Run:
   normalization: pipeline.Normalization | None
   steps_per_epoch: int
   total_steps: int
+  train_microbatch_size: int
   step_rng: jax.Array
   manager: Any
   metrics_file: progress.MetricsFile
@@ -199,6 +200,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     ),
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
+    train_microbatch_size=_train_microbatch_size(config, state),
     step_rng=step_rng,
     manager=manager,
     metrics_file=progress.MetricsFile(os.path.join(workdir, 'metrics.jsonl')),
@@ -362,9 +364,8 @@ def _train(
           batch,
           run.step_rng,
           donate=True,
-          microbatch_size=_microbatch_size(
-            'Train', config.microbatch_size, config.batch_size
-          ),
+          microbatch_size=run.train_microbatch_size,
+          label_smoothing=config.label_smoothing,
         )
       if throughput is None:
         throughput = progress.Throughput(
@@ -418,10 +419,30 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
   )
 
 
-def _microbatch_size(step: str, requested: int, batch_size: int) -> int:
+def _train_microbatch_size(
+  config: ml_collections.ConfigDict, state: steps.TrainState
+) -> int:
+  """Resolve the train step's microbatch size for the model's state."""
+  try:
+    return _microbatch_size(
+      'Train',
+      config.microbatch_size,
+      config.batch_size,
+      batch_statistics=bool(state.batch_stats),
+    )
+  except ValueError as error:
+    raise ConfigError(
+      f'--config.microbatch_size={config.microbatch_size} does not suit '
+      f'model {config.model!r}: {error}'
+    ) from error
+
+
+def _microbatch_size(
+  step: str, requested: int, batch_size: int, batch_statistics: bool = False
+) -> int:
   """Resolve and log the microbatch size of the `step` ('Train' or 'Eval')."""
   size = steps.resolve_microbatch_size(
-    requested, batch_size, jax.default_backend()
+    requested, batch_size, jax.default_backend(), batch_statistics
   )
   logging.info(
     '%s step: %d microbatches of %d examples (batch %d).',

@@ -103,3 +103,40 @@ def test_degree_below_one_is_rejected():
 def test_overflowing_step_is_reported(polynet_mnist):
   with pytest.raises(ValueError, match='not finite with step 1e\\+20'):
     degree.certify_degree(polynet_mnist, image((28, 28, 1)), 32, step=1e20)
+
+
+@pytest.mark.parametrize('dataset_shape', [(28, 28, 1), (32, 32, 3)])
+def test_bias_free_network_is_homogeneous_of_degree_32(dataset_shape):
+  model = models.PolyNet(in_channels=dataset_shape[-1], width=4, use_bias=False)
+  apply_fn = float64_apply(model, dataset_shape)
+  x = np.stack([image(dataset_shape, seed) for seed in (1, 2)])
+  assert degree.homogeneity_error(apply_fn, x, 32, scale=1.5) < 1e-12
+  assert degree.homogeneity_error(apply_fn, x, 32, scale=-0.5) < 1e-12
+  assert degree.homogeneity_error(apply_fn, x, 31, scale=1.5) > 0.1
+  certificate = degree.certify_degree(apply_fn, x[0], 32)
+  assert certificate.holds, certificate
+
+
+def test_biases_break_homogeneity(polynet_mnist):
+  x = image((1, 28, 28, 1))
+  assert degree.homogeneity_error(polynet_mnist, x, 32, scale=1.5) > 1e-3
+
+
+def test_bias_free_network_has_no_bias_parameters():
+  variables = jax.eval_shape(
+    models.PolyNet(width=4, use_bias=False).init,
+    jax.random.key(0),
+    jnp.zeros((1, 28, 28, 1)),
+  )
+  names = {
+    path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(variables)
+  }
+  assert names == {'kernel'}
+
+
+@pytest.mark.parametrize('scale', [0.0, 1.0])
+def test_homogeneity_rejects_trivial_scales(polynet_mnist, scale):
+  with pytest.raises(
+    ValueError, match=f'scale must be neither 0 nor 1, got {scale}'
+  ):
+    degree.homogeneity_error(polynet_mnist, image((1, 28, 28, 1)), 32, scale)

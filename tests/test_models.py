@@ -186,7 +186,10 @@ def test_registry_lists_every_model():
     'ccp_dense',
     'ncp_dense',
     'ncp_skip_conv',
+    'pi_resnet',
+    'pi_resnet_imagenet',
     'polynet',
+    'r_polynet',
   ]
 
 

@@ -1,23 +1,30 @@
 """Polynomial network models, importable without TensorFlow.
 
 `get_model(name, **kwargs)` builds a registered model by name, as the
-training configs do; the classes are exported for direct use, with
-`polynet_from_torch` (PyTorch weights of the reference network) and
-`certify_degree` (a numerical check of a model's polynomial degree) and
-`activation_rms` (each block's output scale, to find where a run blows up).
+training configs do. The classes are exported for direct use, with:
+- `polynet_from_torch` and `piresnet_from_torch`, which import PyTorch
+  weights of the reference network and of the Π-net ResNet;
+- `certify_degree` and `homogeneity_error`, numerical checks of a model's
+  polynomial degree;
+- `activation_rms`, each block's output scale, to find where a run blows up.
 """
 
 from collections.abc import Callable
 
 from flax import linen as nn
 
-from pinet_jax.models.degree import DegreeCertificate, certify_degree
+from pinet_jax.models.degree import (
+  DegreeCertificate,
+  certify_degree,
+  homogeneity_error,
+)
 from pinet_jax.models.diagnostics import activation_rms
 from pinet_jax.models.initializers import SCHEMES as INIT_SCHEMES
 from pinet_jax.models.initializers import layer_init
 from pinet_jax.models.polynet import POLYNET_BLOCKS, BlockSpec, PolyNet
 from pinet_jax.models.polynomial import (
   DECOMPOSITIONS,
+  NORMALIZATIONS,
   CCPConv,
   CCPDense,
   NCPDense,
@@ -30,7 +37,16 @@ from pinet_jax.models.product_block import (
   block_output_sizes,
   conv_output_size,
 )
-from pinet_jax.models.torch_import import polynet_from_torch
+from pinet_jax.models.resnet import (
+  PiResNet,
+  PiResNetImageNet,
+  ResidualBlock,
+  RPolyNet,
+)
+from pinet_jax.models.torch_import import (
+  piresnet_from_torch,
+  polynet_from_torch,
+)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
   'polynet': PolyNet,
@@ -38,6 +54,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   'ncp_dense': NCPDense,
   'ccp_conv': CCPConv,
   'ncp_skip_conv': NCPSkipConv,
+  'pi_resnet': PiResNet,
+  'pi_resnet_imagenet': PiResNetImageNet,
+  'r_polynet': RPolyNet,
 }
 
 
@@ -63,6 +82,7 @@ __all__ = [
   'DECOMPOSITIONS',
   'INIT_SCHEMES',
   'MODELS',
+  'NORMALIZATIONS',
   'NCPDense',
   'NCPSkipConv',
   'POLYNET_BLOCKS',
@@ -70,16 +90,22 @@ __all__ = [
   'CCPConv',
   'CCPDense',
   'DegreeCertificate',
+  'PiResNet',
+  'PiResNetImageNet',
   'PolyNet',
   'PolynomialClassifier',
   'PolynomialLayer',
   'ProductBlock',
+  'RPolyNet',
+  'ResidualBlock',
   'activation_rms',
   'block_output_sizes',
   'certify_degree',
   'conv_output_size',
   'get_model',
+  'homogeneity_error',
   'layer_init',
   'list_models',
+  'piresnet_from_torch',
   'polynet_from_torch',
 ]

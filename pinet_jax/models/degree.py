@@ -12,6 +12,11 @@ rounding. For the reference network (width 16, PyTorch's initialisation)
 and x0 an image with pixels in [0, 1], steps of 3, 10 and 30 all separated
 the two differences by a factor of about 4e9. When the D-th difference is not
 clearly above `rounding_level`, try a larger step.
+
+A network without biases whose every block multiplies two linear maps of
+its input, such as `PolyNet(use_bias=False)`, is moreover homogeneous:
+f(c * x) = c^D * f(x). `homogeneity_error` measures how far a model is
+from that.
 """
 
 import math
@@ -127,6 +132,41 @@ def certify_degree(
   rounding = float(np.finfo(np.float64).eps * np.max(weighted))
   holds = following <= tolerance * top and top >= SIGNAL_FACTOR * rounding
   return DegreeCertificate(degree, top, following, rounding, holds)
+
+
+def homogeneity_error(
+  apply_fn: Callable[[jax.Array], jax.Array],
+  x: np.ndarray,
+  degree: int,
+  scale: float = 2.0,
+) -> float:
+  """Return max |f(c x) - c^D f(x)| / max |c^D f(x)|, computed in float64.
+
+  Zero up to rounding (about 1e-15 times D) for a homogeneous polynomial of
+  degree D; of order one when D is wrong or the model has lower-degree
+  terms, such as biases.
+
+  Args:
+    apply_fn: as for `certify_degree`.
+    x: a batch of inputs (n, ...) for apply_fn.
+    degree: the claimed degree D >= 1.
+    scale: the factor c; neither 0 nor 1.
+  """
+  if degree < 1:
+    raise ValueError(f'degree must be >= 1, got {degree}')
+  if scale in (0.0, 1.0):
+    raise ValueError(f'scale must be neither 0 nor 1, got {scale}')
+  with jax.enable_x64(True):
+    x = jnp.asarray(x, jnp.float64)
+    outputs = jax.jit(apply_fn)(jnp.concatenate([x, scale * x]))
+  if outputs.dtype != jnp.float64:
+    raise ValueError(
+      f'apply_fn returned {outputs.dtype}, expected float64; convert the '
+      'parameters with to_float64'
+    )
+  plain, scaled = np.split(np.asarray(outputs), 2)
+  expected = scale**degree * plain
+  return float(np.max(np.abs(scaled - expected)) / np.max(np.abs(expected)))
 
 
 def to_float64(tree):

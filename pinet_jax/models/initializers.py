@@ -82,11 +82,13 @@ def dense(
   scheme: str,
   name: str,
   dtype: jnp.dtype | None = None,
+  use_bias: bool = True,
 ) -> nn.Dense:
   """Return an `nn.Dense` initialised by `scheme` for `fan_in` inputs."""
   init = layer_init(scheme, fan_in)
   return nn.Dense(
     features,
+    use_bias=use_bias,
     kernel_init=init.kernel,
     bias_init=init.bias,
     dtype=dtype,

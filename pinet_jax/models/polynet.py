@@ -51,6 +51,9 @@ class PolyNet(nn.Module):
     formulation: how each product block computes its convolutions, one of
       `product_block.FORMULATIONS`. All give the same function of the same
       parameters; 's2d' trains fastest on CPU.
+    use_bias: give every convolution and the head a bias, as the reference
+      does. Without, the logits are a homogeneous polynomial:
+      f(c * x) = c^32 * f(x).
     dtype: computation dtype; None keeps the input's.
   """
 
@@ -59,16 +62,19 @@ class PolyNet(nn.Module):
   width: int = 16
   init_scheme: str = 'pytorch'
   formulation: str = 'plain'
+  use_bias: bool = True
   dtype: jnp.dtype | None = None
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Compute logits.
 
     Args:
       images: float, shape (batch, height, width, in_channels), pixels
         scaled to [0, 1] as the reference does; larger values overflow the
         degree-32 polynomial. MNIST is 28x28, CIFAR-10 32x32.
+      train: accepted as every model's `__call__` does; this network
+        computes the same function in training and evaluation.
 
     Returns:
       Logits, shape (batch, num_classes).
@@ -77,6 +83,7 @@ class PolyNet(nn.Module):
       ValueError: `images` is not floating-point, not 4-D with `in_channels`
         channels, or too small for the five blocks.
     """
+    del train  # No layer behaves differently in training.
     check_images(images, self.in_channels, 'PolyNet')
     x = images
     for index, spec in enumerate(POLYNET_BLOCKS, start=1):
@@ -93,6 +100,7 @@ class PolyNet(nn.Module):
         padding=spec.padding,
         init_scheme=self.init_scheme,
         formulation=self.formulation,
+        use_bias=self.use_bias,
         dtype=self.dtype,
         name=f'block_{index}',
       )(x)
@@ -100,5 +108,10 @@ class PolyNet(nn.Module):
     # (channel, row, column), which matters only when importing weights.
     x = x.reshape(x.shape[0], -1)
     return initializers.dense(
-      self.num_classes, x.shape[-1], self.init_scheme, 'head', self.dtype
+      self.num_classes,
+      x.shape[-1],
+      self.init_scheme,
+      'head',
+      self.dtype,
+      self.use_bias,
     )(x)

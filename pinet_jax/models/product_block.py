@@ -62,10 +62,14 @@ class ConvParams(nn.Module):
 
   shape: tuple[int, int, int, int]
   init: initializers.LayerInit
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self) -> tuple[jax.Array, jax.Array]:
+    """Return the kernel and the bias; zeros stand in for no bias."""
     kernel = self.param('kernel', self.init.kernel, self.shape)
+    if not self.use_bias:
+      return kernel, jnp.zeros(self.shape[-1:], kernel.dtype)
     bias = self.param('bias', self.init.bias, self.shape[-1:])
     return kernel, bias
 
@@ -152,6 +156,8 @@ class ProductBlock(nn.Module):
     init_scheme: initialisation scheme, a key of `initializers.SCHEMES`.
     formulation: how to compute the convolutions, one of `FORMULATIONS`;
       every choice gives the same function of the same parameters.
+    use_bias: give both convolutions a bias. Without, the block is a
+      homogeneous quadratic: block(c * x) = c^2 * block(x).
     dtype: computation dtype; None keeps the input's.
   """
 
@@ -161,6 +167,7 @@ class ProductBlock(nn.Module):
   padding: int = 0
   init_scheme: str = 'pytorch'
   formulation: str = 'plain'
+  use_bias: bool = True
   dtype: jnp.dtype | None = None
 
   @nn.compact
@@ -185,7 +192,8 @@ class ProductBlock(nn.Module):
       self.init_scheme, in_channels * self.kernel_size**2
     )
     (kernel_1, bias_1), (kernel_2, bias_2) = (
-      ConvParams(shape, init, name=name)() for name in ('conv_1', 'conv_2')
+      ConvParams(shape, init, self.use_bias, name=name)()
+      for name in ('conv_1', 'conv_2')
     )
     x, kernel_1, bias_1, kernel_2, bias_2 = nn.dtypes.promote_dtype(
       x, kernel_1, bias_1, kernel_2, bias_2, dtype=self.dtype
