@@ -10,11 +10,13 @@ DATA ?=
 WORKDIR ?= workdirs/$(DATASET)
 # Extra flags, e.g. ARGS='--config.num_epochs=1'.
 ARGS ?=
+# SIGKILLs that `make chaos` sends to its training run.
+KILLS ?= 10
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install train-mnist train-cifar10 test bench lint format constraints \
-  clean
+.PHONY: install train-mnist train-cifar10 test bench chaos lint format \
+  constraints clean
 
 install: $(INSTALLED)
 
@@ -41,6 +43,11 @@ test: $(INSTALLED)
 # pipeline (when DATA is set) and XLA's matmul peak, as a markdown table.
 bench: $(INSTALLED)
 	$(PY) -m pinet_jax.bench --data_dir='$(DATA)' $(ARGS)
+
+# Kill a short MNIST run with SIGKILL $(KILLS) times, resume it each time and
+# compare it bit for bit with an uninterrupted run; prints one summary line.
+chaos: $(INSTALLED)
+	$(PY) -m pinet_jax.chaos --data_dir='$(DATA)' --kills=$(KILLS) $(ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

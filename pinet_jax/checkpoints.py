@@ -3,9 +3,18 @@
 A checkpoint contains the train state (step, parameters, optimiser state) and a
 JSON record of the config that wrote it. The step is the number of training
 batches consumed, which fixes the epoch and the position inside it, so a
-resumed run continues the same data order.
+resumed run continues the same data order. With
+config.skip_nonfinite_updates the optimiser state also counts the skipped
+updates (see `pinet_jax.optim.skip_counters`).
+
+On a local file system, orbax (orbax-checkpoint 0.12.8) writes each
+checkpoint into `<step>.orbax-checkpoint-tmp` and renames it to `<step>`
+when every file is written. A process killed during a save therefore leaves
+only the temporary folder, which orbax never lists as a step. A manager
+from `create_manager` deletes such folders before its first save.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -16,7 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
-from pinet_jax.errors import ConfigError
+from pinet_jax import config as config_lib
+from pinet_jax.errors import ConfigError, UserInputError
 from pinet_jax.steps import TrainState
 
 # Config fields that a resumed run must share with the checkpoint: they
@@ -39,9 +49,29 @@ RESUME_KEYS = (
   'warmup_fraction',
   'momentum',
   'weight_decay',
+  'skip_nonfinite_updates',
+  'max_consecutive_skips',
 )
 # Model arguments that change how the model computes, not its parameters.
 LAYOUT_FREE_MODEL_KWARGS = ('formulation',)
+# The items of every checkpoint step.
+ITEM_NAMES = ('state', 'metadata')
+
+
+class CheckpointError(UserInputError):
+  """A checkpoint that is missing, incomplete or unreadable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPath:
+  """One complete checkpoint: the folder of its steps and the step."""
+
+  directory: str
+  step: int
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.directory, str(self.step))
 
 
 def create_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -52,9 +82,78 @@ def create_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     max_to_keep=keep, create=True, cleanup_tmp_directories=True
   )
   return ocp.CheckpointManager(
-    os.path.abspath(directory),
-    options=options,
-    item_names=('state', 'metadata'),
+    os.path.abspath(directory), options=options, item_names=ITEM_NAMES
+  )
+
+
+def latest_complete_step(directory: str) -> int | None:
+  """Return the latest step in `directory` whose save finished, or None."""
+  if not os.path.isdir(directory):
+    return None
+  return max(ocp.step.checkpoint_steps(directory), default=None)
+
+
+def read_state_arrays(directory: str, step: int) -> dict[str, Any]:
+  """Return the train state saved at `step` as nested dicts of arrays.
+
+  Needs no template, so any checkpoint of this program can be compared.
+
+  Raises:
+    CheckpointError: the checkpoint cannot be read.
+  """
+  manager = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_names=ITEM_NAMES,
+  )
+  try:
+    return manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )['state']
+  except (OSError, ValueError, KeyError) as error:
+    raise _unreadable(os.path.join(directory, str(step)), error) from error
+  finally:
+    manager.close()
+
+
+def find_checkpoint(path: str, option: str) -> CheckpointPath:
+  """Return the complete checkpoint that `path` names.
+
+  Args:
+    path: a step folder (`.../checkpoints/1200`), a folder of step folders,
+      or a work directory with a `checkpoints` folder. For the last two,
+      their latest complete step is used.
+    option: the option that gave `path`, for messages.
+
+  Raises:
+    CheckpointError: `path` does not exist, is a step folder whose save
+      did not finish, or contains no complete checkpoint.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(
+      f'{option}={path} does not exist or is not a folder; give a '
+      'checkpoint step folder such as WORKDIR/checkpoints/1200, a '
+      'checkpoints folder or a work directory'
+    )
+  name = os.path.basename(path)
+  if name.isdigit():
+    parent = os.path.dirname(path)
+    if int(name) not in ocp.step.checkpoint_steps(parent):
+      raise CheckpointError(
+        f'{option}={path} is not a complete checkpoint (its save did not '
+        f'finish); choose another step in {parent}'
+      )
+    return CheckpointPath(parent, int(name))
+  for directory in (path, os.path.join(path, 'checkpoints')):
+    if os.path.isdir(directory):
+      saved = ocp.step.checkpoint_steps(directory)
+      if saved:
+        return CheckpointPath(directory, max(saved))
+  raise CheckpointError(
+    f'{option}={path} contains no complete checkpoint; give a checkpoint '
+    'step folder such as WORKDIR/checkpoints/1200, a checkpoints folder or '
+    'a work directory'
   )
 
 
@@ -101,12 +200,17 @@ def _check_compatible(
   total_steps: int,
   path: str,
 ) -> None:
+  defaults = config_lib.default_config().to_dict()
+
   def comparable(values: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(values.get('model_kwargs') or {})
     for key in LAYOUT_FREE_MODEL_KWARGS:
       kwargs.pop(key, None)
+    # A field newer than the checkpoint had its default when it was saved.
     # The saved config went through JSON, which turns tuples into lists.
-    return json.loads(json.dumps({**values, 'model_kwargs': kwargs}))
+    return json.loads(
+      json.dumps({**defaults, **values, 'model_kwargs': kwargs})
+    )
 
   saved = comparable(metadata['config'])
   current = comparable(config.to_dict())
@@ -135,28 +239,89 @@ def restore_latest(
 ) -> TrainState | None:
   """Return the latest checkpoint's state, or None when there is none.
 
+  `manager` comes from `create_manager`; see `restore` for the other
+  arguments and the errors.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return restore(manager, step, template, config, total_steps)
+
+
+def restore_from(
+  checkpoint: CheckpointPath,
+  template: TrainState,
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+) -> TrainState:
+  """Return the state of `checkpoint`, from any folder; see `restore`."""
+  # create=False and no save: this manager never writes to the folder.
+  manager = ocp.CheckpointManager(
+    checkpoint.directory,
+    options=ocp.CheckpointManagerOptions(create=False),
+    item_names=ITEM_NAMES,
+  )
+  try:
+    return restore(manager, checkpoint.step, template, config, total_steps)
+  finally:
+    manager.close()
+
+
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  template: TrainState,
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+) -> TrainState:
+  """Return the state saved at `step`, after checking its config.
+
   Args:
-    manager: from `create_manager`.
+    manager: the manager of the checkpoint's folder.
+    step: a complete step of `manager`.
     template: a freshly initialised state with the same structure.
     config: the run's config, checked against the checkpoint's.
     total_steps: the run's length in steps, checked likewise.
 
   Raises:
     ConfigError: the checkpoint was written by an incompatible config.
+    CheckpointError: the checkpoint cannot be read.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
   path = os.path.join(str(manager.directory), str(step))
-  metadata = manager.restore(
-    step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
-  )['metadata']
+  metadata = read_metadata(manager, step)
   _check_compatible(metadata, config, total_steps, path)
   target = serialization.to_state_dict(template)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
-  )['state']
+  try:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
+    )['state']
+  except (OSError, ValueError, KeyError) as error:
+    raise _unreadable(path, error) from error
   logging.info('Restored checkpoint %s', path)
   return serialization.from_state_dict(template, restored)
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """Return the metadata saved at `step`: 'config', 'total_steps', 'metrics'.
+
+  Raises:
+    CheckpointError: the metadata cannot be read.
+  """
+  try:
+    return manager.restore(
+      step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    )['metadata']
+  except (OSError, ValueError, KeyError) as error:
+    path = os.path.join(str(manager.directory), str(step))
+    raise _unreadable(path, error) from error
+
+
+def _unreadable(path: str, error: Exception) -> CheckpointError:
+  reason = ' '.join(str(error).split())[:300]
+  return CheckpointError(
+    f'cannot read checkpoint {path}: {type(error).__name__}: {reason}; move '
+    'it out of its folder to resume from the one before, or use a new '
+    '--workdir'
+  )

@@ -72,6 +72,22 @@ def default_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1
   config.log_every_steps = 100
   config.keep_checkpoints = 3
+  # Save a checkpoint every this many steps as well, so a killed run loses
+  # less than an epoch. 0 saves only after each epoch's evaluation. Saves
+  # run in the background, but each one waits for the previous to finish.
+  config.checkpoint_every_steps = 0
+  # When --workdir has no checkpoint yet, start from this one: a step
+  # folder such as /runs/a/checkpoints/1200, a checkpoints folder or a work
+  # directory (their latest complete step). Once the run has saved its own
+  # checkpoints, reruns resume from those. A path that does not exist is an
+  # error.
+  config.resume_from = ''
+  # Skip the update of a step whose gradients are NaN or infinite
+  # (optax.apply_if_finite) instead of stopping, and count these steps as
+  # skipped_updates in metrics.jsonl. More than max_consecutive_skips
+  # non-finite steps in a row still stop the run.
+  config.skip_nonfinite_updates = False
+  config.max_consecutive_skips = 10
   config.seed = 0
   return config
 
@@ -171,7 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config[name] > 0,
       f'--config.{name} must be positive, got {config[name]}',
     )
-  for name in ('log_every_steps', 'keep_checkpoints'):
+  for name in ('log_every_steps', 'keep_checkpoints', 'max_consecutive_skips'):
     _require(
       config[name] >= 1, f'--config.{name} must be >= 1, got {config[name]}'
     )
@@ -196,6 +212,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f'--config.microbatch_size={config.microbatch_size} must be 0 '
     '(automatic) or a positive divisor of '
     f'--config.batch_size={config.batch_size}',
+  )
+  _require(
+    config.checkpoint_every_steps >= 0,
+    '--config.checkpoint_every_steps must be >= 0 (0 saves after each '
+    f'epoch only), got {config.checkpoint_every_steps}',
   )
   _require(
     config.seed >= 0,

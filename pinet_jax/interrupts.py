@@ -7,7 +7,7 @@ run stopped.
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -45,13 +45,12 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-  """Install a `StopRequest` for SIGINT and SIGTERM within the block."""
+def stop_on_signals(
+  signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[StopRequest]:
+  """Install a `StopRequest` for `signums` within the block."""
   request = StopRequest()
-  previous = {
-    signum: signal.signal(signum, request)
-    for signum in (signal.SIGINT, signal.SIGTERM)
-  }
+  previous = {signum: signal.signal(signum, request) for signum in signums}
   try:
     yield request
   finally:

@@ -8,7 +8,6 @@ only parses flags; the program is `pinet_jax.train.train_and_evaluate`, so
 tests and notebooks can call it directly.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -16,9 +15,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pinet_jax import train
+from pinet_jax import config as config_lib
 from pinet_jax.errors import UserInputError
 from pinet_jax.interrupts import InterruptedTwice, TrainingInterrupted
+from pinet_jax.log_filters import QuietLibraryInfo
 
 FLAGS = flags.FLAGS
 
@@ -53,14 +53,6 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 
 
-class _QuietLibraryInfo(std_logging.Filter):
-  """Drop INFO records of orbax, which logs a dozen lines per checkpoint."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    from_orbax = f'{os.sep}orbax{os.sep}' in record.pathname
-    return record.levelno >= std_logging.WARNING or not from_orbax
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """Parse the command line; a bad config path or field exits with one line.
 
@@ -83,8 +75,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   enable_compilation_cache()
-  logging.get_absl_handler().addFilter(_QuietLibraryInfo())
+  logging.get_absl_handler().addFilter(QuietLibraryInfo())
   try:
+    config_lib.validate(FLAGS.config)
+    # Imported after the check: the training program imports TensorFlow,
+    # which takes seconds that an invalid value should not cost.
+    from pinet_jax import train
+
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except TrainingInterrupted as stopped:
     logging.warning('Training %s', stopped)

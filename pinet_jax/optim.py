@@ -1,5 +1,8 @@
 """Optimisers and learning-rate schedules built from the config."""
 
+from typing import Any
+
+import jax
 import ml_collections
 import optax
 
@@ -31,8 +34,26 @@ def learning_rate_schedule(
 def create_optimizer(
   config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-  """Return the optimiser named by config.optimizer with its schedule."""
-  schedule = learning_rate_schedule(config, total_steps)
+  """Return the optimiser named by config.optimizer with its schedule.
+
+  With config.skip_nonfinite_updates, the optimiser is wrapped in
+  `optax.apply_if_finite`: a step whose gradients are NaN or infinite
+  leaves the parameters and the inner optimiser state unchanged, and
+  `skip_counters` reads the counts from the state.
+  """
+  optimizer = _base_optimizer(
+    config, learning_rate_schedule(config, total_steps)
+  )
+  if config.skip_nonfinite_updates:
+    return optax.apply_if_finite(
+      optimizer, max_consecutive_errors=config.max_consecutive_skips
+    )
+  return optimizer
+
+
+def _base_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   if config.optimizer == 'adam':
     return optax.adam(schedule)
   if config.optimizer == 'adamw':
@@ -41,3 +62,22 @@ def create_optimizer(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(schedule, momentum=config.momentum),
   )
+
+
+def skip_counters(opt_state: Any) -> dict[str, jax.Array]:
+  """Return the counters of `optax.apply_if_finite` in `opt_state`.
+
+  Returns:
+    {} when the optimiser has no such wrapper. Otherwise
+    'nonfinite_updates', the steps with non-finite gradients since the
+    run began, and 'consecutive_nonfinite', those in a row up to the
+    latest step, both int32 scalars. `apply_if_finite` skips such a step
+    while 'consecutive_nonfinite' is at most its max_consecutive_errors and
+    applies it after that.
+  """
+  if not isinstance(opt_state, optax.ApplyIfFiniteState):
+    return {}
+  return {
+    'nonfinite_updates': opt_state.total_notfinite,
+    'consecutive_nonfinite': opt_state.notfinite_count,
+  }

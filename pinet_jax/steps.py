@@ -50,7 +50,10 @@ def create_train_state(
   initialiser of a different shape would compile on its own.
 
   Args:
-    model: maps images (batch, *image_shape) to logits.
+    model: maps images (batch, *image_shape) to logits; its `__call__`
+      takes a keyword `train`, True in train steps and False in evaluation,
+      as every model in `pinet_jax.models` does. BatchNorm layers keep their
+      running averages in the 'batch_stats' collection.
     optimizer: optax transformation of the gradients.
     image_shape: (height, width, channels) of one image.
     rng: key for the initialisers.
@@ -290,15 +293,23 @@ def train_step(
 
   Returns:
     The new state, with the batch statistics of this batch folded into the
-    running averages, and the batch's mean 'loss' and 'accuracy' before the
-    update.
+    running averages, and the metrics: the batch's mean 'loss' and
+    'accuracy' before the update, and 'grads_finite', 1.0 when every
+    gradient is finite and 0.0 when one is NaN or infinite.
   """
   step_rng = jax.random.fold_in(rng, state.step)
   metrics, grads, batch_stats = _forward_backward(
     state, batch, step_rng, microbatch_size, label_smoothing
   )
+  metrics['grads_finite'] = all_finite(grads).astype(jnp.float32)
   state = state.apply_gradients(grads=grads)
   return state.replace(batch_stats=batch_stats), metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Return a boolean scalar: whether every element of `tree` is finite."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
 def eval_step(

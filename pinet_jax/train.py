@@ -10,8 +10,9 @@ import functools
 import itertools
 import math
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pinet_jax import checkpoints, models, optim, progress, steps
+from pinet_jax import checkpoints, divergence, models, optim, progress, steps
 from pinet_jax import config as config_lib
 from pinet_jax.data import pipeline, sources
 from pinet_jax.errors import ConfigError
@@ -29,6 +30,7 @@ from pinet_jax.interrupts import (
   TrainingInterrupted,
   stop_on_signals,
 )
+from pinet_jax.train_log import TrainLog
 
 
 def evaluate(
@@ -55,23 +57,20 @@ def evaluate(
   }
 
 
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  fetched = jax.device_get(pending)
-  return {
-    key: float(np.mean([metrics[key] for metrics in fetched]))
-    for key in fetched[0]
-  }
-
-
 def _build_model(config: ml_collections.ConfigDict):
+  """Build config.model for the images and classes of config.dataset."""
   num_classes, image_shape = sources.DATASET_SHAPES[config.dataset]
+  from_dataset = {'num_classes': num_classes, 'in_channels': image_shape[-1]}
+  kwargs = config.model_kwargs.to_dict()
+  for name, value in from_dataset.items():
+    if kwargs.get(name, value) != value:
+      raise ConfigError(
+        f'--config.model_kwargs.{name}={kwargs[name]} does not match '
+        f'dataset {config.dataset!r}: images of shape {image_shape}, '
+        f'{num_classes} classes; remove the option, the dataset sets it'
+      )
   try:
-    return models.get_model(
-      config.model,
-      num_classes=num_classes,
-      in_channels=image_shape[-1],
-      **config.model_kwargs,
-    )
+    return models.get_model(config.model, **{**kwargs, **from_dataset})
   except TypeError as error:
     raise ConfigError(
       f'invalid --config.model_kwargs for model {config.model!r}: {error}'
@@ -101,7 +100,11 @@ def _parameter_count(params: Any) -> int:
 
 @dataclasses.dataclass
 class _Run:
-  """Data, schedule and outputs of a run, built once per process."""
+  """Data, model, schedule and outputs of a run, built once per process.
+
+  `init_state` returns the freshly initialised state, the same on every
+  call. `resume_source` is the checkpoint of --config.resume_from, if any.
+  """
 
   config: ml_collections.ConfigDict
   train_data: pipeline.SplitArrays
@@ -111,15 +114,22 @@ class _Run:
   total_steps: int
   train_microbatch_size: int
   step_rng: jax.Array
+  model: Any
+  init_state: Callable[[], steps.TrainState]
+  resume_source: checkpoints.CheckpointPath | None
   manager: Any
   metrics_file: progress.MetricsFile
 
+  @property
+  def max_consecutive_skips(self) -> int | None:
+    """The limit of skipped updates in a row, None without skipping."""
+    if not self.config.skip_nonfinite_updates:
+      return None
+    return self.config.max_consecutive_skips
+
 
 def _make_workdir(workdir: str) -> str:
-  """Create `workdir` if needed and return its absolute path.
-
-  Checked before the data is loaded, so a bad path fails in seconds.
-  """
+  """Create `workdir` if needed and return its absolute path."""
   path = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(path, exist_ok=True)
@@ -134,9 +144,19 @@ def _make_workdir(workdir: str) -> str:
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str):
-  """Load the data and build the initial state, restoring a checkpoint."""
+  """Load the data and build the initial state, restoring a checkpoint.
+
+  The config, the resume path, the work directory and the model are checked
+  before the data is loaded, so that a mistake in them fails in seconds.
+  """
   config_lib.validate(config)
+  resume_source = None
+  if config.resume_from:
+    resume_source = checkpoints.find_checkpoint(
+      config.resume_from, '--config.resume_from'
+    )
   workdir = _make_workdir(workdir)
+  model = _build_model(config)
   builder = sources.get_builder(config)
   train_data = _load_split(builder, config, 'train_split')
   eval_data = _load_split(builder, config, 'eval_split')
@@ -164,15 +184,16 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     total_steps,
   )
 
-  model = _build_model(config)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  init_state = functools.partial(
+    steps.create_train_state,
+    model,
+    optim.create_optimizer(config, total_steps),
+    train_data.images.shape[1:],
+    init_rng,
+  )
   try:
-    state = steps.create_train_state(
-      model,
-      optim.create_optimizer(config, total_steps),
-      train_data.images.shape[1:],
-      init_rng,
-    )
+    state = init_state()
   except ValueError as error:
     # The models check their arguments when they are first applied.
     raise ConfigError(
@@ -187,7 +208,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.create_manager(
     os.path.join(workdir, 'checkpoints'), config.keep_checkpoints
   )
-  restored = checkpoints.restore_latest(manager, state, config, total_steps)
+  restored = _restore_start(manager, state, config, total_steps, resume_source)
   if restored is not None:
     state = restored
     logging.info('Resuming at step %d of %d.', state.step, total_steps)
@@ -202,10 +223,41 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     total_steps=total_steps,
     train_microbatch_size=_train_microbatch_size(config, state),
     step_rng=step_rng,
+    model=model,
+    init_state=init_state,
+    resume_source=resume_source,
     manager=manager,
     metrics_file=progress.MetricsFile(os.path.join(workdir, 'metrics.jsonl')),
   )
   return run, state
+
+
+def _restore_start(
+  manager: Any,
+  template: steps.TrainState,
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+  resume_source: checkpoints.CheckpointPath | None,
+) -> steps.TrainState | None:
+  """Return the state to resume from, or None to start at step 0.
+
+  The work directory's own latest checkpoint comes first, so rerunning a
+  command with --config.resume_from continues where that run stopped.
+  """
+  restored = checkpoints.restore_latest(manager, template, config, total_steps)
+  if restored is None and resume_source is not None:
+    logging.info('Starting from --config.resume_from=%s', resume_source.path)
+    return checkpoints.restore_from(
+      resume_source, template, config, total_steps
+    )
+  if restored is not None and resume_source is not None:
+    logging.info(
+      '%s already has checkpoints, so the run resumes from its latest '
+      'instead of --config.resume_from=%s.',
+      manager.directory,
+      resume_source.path,
+    )
+  return restored
 
 
 def _compile(function: Any, *args: Any, donate: bool = False, **static: Any):
@@ -243,44 +295,6 @@ def _prefetch_to_device(
     yield queue.popleft()
 
 
-def _log_train(
-  run: _Run,
-  step: int,
-  pending: list[dict[str, jax.Array]],
-  throughput: progress.Throughput,
-) -> None:
-  metrics = _mean_metrics(pending)
-  if not math.isfinite(metrics['loss']):
-    raise FloatingPointError(
-      f'training loss is {metrics["loss"]} at step {step}: the polynomial '
-      'overflowed; lower --config.learning_rate or change '
-      '--config.model_kwargs.init_scheme'
-    )
-  images_per_second, eta = throughput.report(step)
-  epoch = step / run.steps_per_epoch
-  logging.info(
-    '%s step %d/%d (epoch %.2f): train_loss %.4f, train_accuracy %.2f%%, '
-    '%.0f img/s, ETA %s',
-    progress.progress_bar(step, run.total_steps),
-    step,
-    run.total_steps,
-    epoch,
-    metrics['loss'],
-    100 * metrics['accuracy'],
-    images_per_second,
-    progress.format_duration(eta),
-  )
-  run.metrics_file.write(
-    {
-      'step': step,
-      'epoch': epoch,
-      'train_loss': metrics['loss'],
-      'train_accuracy': metrics['accuracy'],
-      'images_per_second': images_per_second,
-    }
-  )
-
-
 def _evaluate_and_log(
   run: _Run, eval_fn: Any, state: steps.TrainState
 ) -> dict[str, float]:
@@ -290,7 +304,7 @@ def _evaluate_and_log(
     eval_fn, state, run.eval_data, run.config, run.normalization
   )
   if not math.isfinite(metrics['loss']):
-    raise FloatingPointError(
+    raise divergence.DivergenceError(
       f'evaluation loss is {metrics["loss"]} at step {step}: the polynomial '
       'overflowed; lower --config.learning_rate or change '
       '--config.model_kwargs.init_scheme'
@@ -331,74 +345,171 @@ def _save_and_stop(run: _Run, state: steps.TrainState) -> None:
   )
 
 
+def _train_batches(
+  run: _Run, start_step: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yield the training batches of the steps after `start_step`, in order.
+
+  Each epoch's order depends only on the seed and the epoch, so a run that
+  resumes at `start_step` reads the same batches as an uninterrupted one.
+  """
+  step = start_step
+  while step < run.total_steps:
+    epoch, offset = divmod(step, run.steps_per_epoch)
+    count = min(run.steps_per_epoch - offset, run.total_steps - step)
+    batches = pipeline.train_batches(
+      run.train_data,
+      batch_size=run.config.batch_size,
+      seed=run.config.seed,
+      epoch=epoch,
+      start_batch=offset,
+      augment=run.config.augment,
+      normalization=run.normalization,
+    )
+    yield from itertools.islice(batches, count)
+    step += count
+
+
+def _checkpoint_due(config: ml_collections.ConfigDict, step: int) -> bool:
+  every = config.checkpoint_every_steps
+  return every > 0 and step % every == 0
+
+
 def _train(
   run: _Run, state: steps.TrainState, stop: StopRequest
 ) -> tuple[steps.TrainState, dict[str, float] | None]:
   """Run the remaining steps; return the state and the last evaluation.
 
-  Every evaluation and checkpoint follows a check that the losses since
-  the previous one are finite, so a diverged state is never saved.
+  Every evaluation and checkpoint follows a check that each step since the
+  previous one is finite, so a diverged state is never saved.
+
+  Raises:
+    divergence.DivergenceError: a step's loss or gradients were not
+      finite and its update was not skipped.
+    TrainingInterrupted: `stop` was requested, or orbax reported a
+      preemption; the checkpoint of the current step is committed.
   """
   config = run.config
   step = int(state.step)
-  train_fn = eval_fn = throughput = None
+  train_fn = eval_fn = None
   last_eval = None
-  while step < run.total_steps:
-    epoch, offset = divmod(step, run.steps_per_epoch)
-    batches = pipeline.train_batches(
-      run.train_data,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      epoch=epoch,
-      start_batch=offset,
-      augment=config.augment,
-      normalization=run.normalization,
-    )
-    pending, report = [], None
-    remaining = min(run.steps_per_epoch - offset, run.total_steps - step)
-    for batch in _prefetch_to_device(itertools.islice(batches, remaining)):
+  log = TrainLog(
+    run.metrics_file,
+    run.steps_per_epoch,
+    run.total_steps,
+    config.batch_size,
+    run.max_consecutive_skips,
+  )
+  try:
+    for batch in _prefetch_to_device(_train_batches(run, step)):
       if train_fn is None:
-        train_fn = _compile(
-          steps.train_step,
-          state,
-          batch,
-          run.step_rng,
-          donate=True,
-          microbatch_size=run.train_microbatch_size,
-          label_smoothing=config.label_smoothing,
-        )
-      if throughput is None:
-        throughput = progress.Throughput(
-          step, run.total_steps, config.batch_size
-        )
+        train_fn = _compile_train(run, state, batch)
       state, metrics = train_fn(state, batch, run.step_rng)
-      if report is not None:
-        # Reading metrics waits for their step. Reading the previous
-        # interval's only now, with this step already queued, keeps the
-        # device busy while the host logs.
-        _log_train(run, *report, throughput)
-        report = None
-      pending.append(metrics)
       step += 1
-      if step % config.log_every_steps == 0 or stop.requested:
-        report, pending = (step, pending), []
-      if stop.requested:
-        _log_train(run, *report, throughput)
+      log.record(step, metrics)
+      # orbax's check is true only with several JAX processes, once every
+      # process reached the step at which they all save (see
+      # `_stop_signals`).
+      stopping = stop.requested or run.manager.reached_preemption(step)
+      epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
+      if step % config.log_every_steps == 0:
+        log.end_interval(step)
+      if not (epoch_end or stopping or _checkpoint_due(config, step)):
+        continue
+      log.flush(step)
+      if epoch_end:
+        if eval_fn is None:
+          eval_fn = _compile_eval(run, state)
+        last_eval = _evaluate_and_log(run, eval_fn, state)
+        # Evaluation time must not lower the next report's img/s.
+        log.restart_rate()
+      checkpoints.save(
+        run.manager,
+        state,
+        config,
+        run.total_steps,
+        last_eval if epoch_end else None,
+      )
+      if stopping:
         _save_and_stop(run, state)
-    if report is not None:
-      _log_train(run, *report, throughput)
-    if pending:
-      _log_train(run, step, pending, throughput)
-    if eval_fn is None:
-      eval_fn = _compile_eval(run, state)
-    last_eval = _evaluate_and_log(run, eval_fn, state)
-    checkpoints.save(run.manager, state, config, run.total_steps, last_eval)
-    if stop.requested:
-      _save_and_stop(run, state)
-    # Restart the rate so that evaluation time does not lower the next
-    # report's img/s.
-    throughput = None
+  except divergence.Diverged as diverged:
+    raise _divergence_error(run, train_fn, diverged.divergence) from None
   return state, last_eval
+
+
+def _compile_train(
+  run: _Run, state: steps.TrainState, batch: dict[str, jax.Array]
+) -> Any:
+  """Compile `steps.train_step` with the skip counters in its metrics."""
+
+  def train_step(state, batch, rng, **static):
+    state, metrics = steps.train_step(state, batch, rng, **static)
+    return state, {**metrics, **optim.skip_counters(state.opt_state)}
+
+  return _compile(
+    train_step,
+    state,
+    batch,
+    run.step_rng,
+    donate=True,
+    microbatch_size=run.train_microbatch_size,
+    label_smoothing=run.config.label_smoothing,
+  )
+
+
+def _divergence_error(
+  run: _Run, train_fn: Any, found: divergence.Divergence
+) -> divergence.DivergenceError:
+  """Return the error for `found`, naming the first block that overflowed.
+
+  The state that the diverging step started from was donated to the steps
+  queued after it, so it is rebuilt: the latest checkpoint before it is
+  restored and the steps in between are replayed with the same batches.
+  NOTE: the replay is bitwise exact on CPU; on GPU and TPU, where some
+  reductions are not deterministic, it may differ by rounding, which can
+  move the first non-finite block in borderline cases.
+  """
+  run.manager.wait_until_finished()
+  kept = run.manager.latest_step()
+  logging.warning(
+    'Training diverged at step %d; replaying the steps since the last '
+    'checkpoint to find the block that overflowed.',
+    found.step,
+  )
+  state = _state_at(run, train_fn, found.step - 1)
+  batch = next(_train_batches(run, found.step - 1))
+  rms = models.activation_rms(
+    run.model, state.variables(), jnp.asarray(batch['image']), train=True
+  )
+  return divergence.DivergenceError(
+    divergence.describe(
+      found, rms, run.steps_per_epoch, kept, run.max_consecutive_skips
+    )
+  )
+
+
+def _state_at(run: _Run, train_fn: Any, step: int) -> steps.TrainState:
+  """Rebuild the state after `step` steps from the latest checkpoint before.
+
+  Falls back to --config.resume_from's checkpoint and then to the initial
+  state when the work directory has no checkpoint at or before `step`.
+  """
+  saved = [done for done in run.manager.all_steps() if done <= step]
+  if saved:
+    state = checkpoints.restore(
+      run.manager, max(saved), run.init_state(), run.config, run.total_steps
+    )
+  elif run.resume_source is not None and run.resume_source.step <= step:
+    state = checkpoints.restore_from(
+      run.resume_source, run.init_state(), run.config, run.total_steps
+    )
+  else:
+    state = run.init_state()
+  start = int(state.step)
+  batches = itertools.islice(_train_batches(run, start), step - start)
+  for batch in _prefetch_to_device(batches):
+    state, _ = train_fn(state, batch, run.step_rng)
+  return state
 
 
 def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
@@ -454,6 +565,20 @@ def _microbatch_size(
   return size
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+  """Return the signals that stop training with a checkpoint.
+
+  With several JAX processes (jax.distributed.initialize), JAX's
+  preemption service receives SIGTERM and orbax's `reached_preemption`
+  names the step at which every process saves, so a handler here would
+  stop one process alone. NOTE: that path is untested; the tests run one
+  process.
+  """
+  if jax.process_count() > 1:
+    return (signal.SIGINT,)
+  return (signal.SIGINT, signal.SIGTERM)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, float]:
@@ -471,14 +596,15 @@ def train_and_evaluate(
     'eval_count' (examples evaluated).
 
   Raises:
-    TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was
-      committed.
+    TrainingInterrupted: SIGINT or SIGTERM arrived, or orbax reported a
+      preemption; a checkpoint was committed.
     pinet_jax.errors.UserInputError: invalid config, data or checkpoint.
-    FloatingPointError: the training loss became NaN or infinite.
+    pinet_jax.divergence.DivergenceError: a training step's loss or
+      gradients, or the evaluation loss, became NaN or infinite.
   """
   run, state = _prepare(config, workdir)
   try:
-    with stop_on_signals() as stop:
+    with stop_on_signals(_stop_signals()) as stop:
       state, final = _train(run, state, stop)
       if final is None:
         logging.info(

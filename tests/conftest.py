@@ -215,3 +215,39 @@ def load_experiment():
     return module.get_config()
 
   return load
+
+
+@pytest.fixture
+def tiny_config(prepared_mnist, mnist_dir, load_experiment):
+  """The tiny experiment, reading MNIST prepared once per session."""
+  config = load_experiment('tiny')
+  config.data_dir = str(mnist_dir)
+  # The builder's data_dir is <root>/local_mnist/<version>.
+  config.tfds_data_dir = str(Path(prepared_mnist.data_dir).parents[1])
+  return config
+
+
+def restore_latest_state(workdir: Path, config, total_steps: int):
+  """Restore the latest checkpoint in `workdir` into a fresh template.
+
+  The model is the config's, built for MNIST's 28x28x1 images.
+  """
+  # Imported here, as in `_prepare_offline`, to keep collection light.
+  import jax
+
+  from pinet_jax import checkpoints, models, optim, steps
+
+  model = models.get_model(
+    config.model, num_classes=10, in_channels=1, **config.model_kwargs
+  )
+  template = steps.create_train_state(
+    model,
+    optim.create_optimizer(config, total_steps),
+    (28, 28, 1),
+    jax.random.key(0),
+  )
+  manager = checkpoints.create_manager(str(workdir / 'checkpoints'), 3)
+  try:
+    return checkpoints.restore_latest(manager, template, config, total_steps)
+  finally:
+    manager.close()

@@ -1,5 +1,7 @@
 """The command line end to end, in real subprocesses on real MNIST."""
 
+import gzip
+import hashlib
 import json
 import queue
 import re
@@ -12,9 +14,11 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import pytest
 
-from pinet_jax import steps
+from pinet_jax import checkpoints, models, optim, steps
+from pinet_jax.data import raw_files
 
 from conftest import REPO_ROOT
 
@@ -26,11 +30,17 @@ SMOKE_MIN_ACCURACY = 0.95
 
 
 def command(config, workdir, *overrides):
+  """Return the command line that trains experiments/<config>.py."""
+  config_file = REPO_ROOT / 'experiments' / f'{config}.py'
+  return command_for_file(config_file, workdir, *overrides)
+
+
+def command_for_file(config_file, workdir, *overrides):
   return [
     sys.executable,
     '-m',
     'pinet_jax.main',
-    f'--config={REPO_ROOT / "experiments" / config}.py',
+    f'--config={config_file}',
     f'--workdir={workdir}',
     *overrides,
   ]
@@ -158,70 +168,297 @@ def assert_one_line_error(result, *fragments):
     assert fragment in errors[0]
 
 
-def test_missing_data_fails_fast_naming_option(tmp_path):
-  start_time = time.monotonic()
-  result = run(
-    command(
-      'mnist', tmp_path / 'work', f'--config.tfds_data_dir={tmp_path / "tfds"}'
-    ),
-    timeout=120,
-  )
-  elapsed = time.monotonic() - start_time
-  assert_one_line_error(
-    result, 'train-images-idx3-ubyte', '--config.data_dir', 'DATA='
-  )
-  # No download retries: the time is the interpreter's start-up alone.
-  assert elapsed < 60
+class Case:
+  """Files for one bad-input case under `root`, and its command line."""
+
+  def __init__(self, root, mnist_dir, cifar10_dir, data_flags, tiny_config):
+    self.root = root
+    self.mnist_dir = mnist_dir
+    self.cifar10_dir = cifar10_dir
+    self.data_flags = data_flags
+    self.tiny_config = tiny_config
+    self.workdir = root / 'work'
+
+  def tiny(self, *overrides):
+    """The tiny experiment on the prepared real MNIST, with `overrides`."""
+    return command('tiny', self.workdir, *self.data_flags, *overrides)
+
+  def tiny_on(self, data_dir, *overrides):
+    """The tiny experiment on raw files in `data_dir`, prepared afresh."""
+    return command(
+      'tiny',
+      self.workdir,
+      f'--config.data_dir={data_dir}',
+      f'--config.tfds_data_dir={self.root / "tfds"}',
+      *overrides,
+    )
+
+  def cifar10_on(self, data_dir):
+    return command(
+      'cifar10',
+      self.workdir,
+      f'--config.data_dir={data_dir}',
+      f'--config.tfds_data_dir={self.root / "tfds"}',
+    )
+
+  def mnist_copy(self):
+    """Copy the real MNIST files, for a case to damage one of them."""
+    copy = self.root / 'mnist'
+    shutil.copytree(self.mnist_dir, copy)
+    return copy
+
+  def cifar10_links(self):
+    """Link the real CIFAR-10 batch files into a folder of the same layout."""
+    folder = self.root / 'cifar10' / raw_files.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    real = self.cifar10_dir / raw_files.CIFAR10_FOLDER
+    for path in real.iterdir():
+      (folder / path.name).symlink_to(path)
+    return folder
+
+  def save_checkpoint(self, **fields):
+    """Save a real step-0 checkpoint of the tiny config changed by `fields`."""
+    config = self.tiny_config.copy_and_resolve_references()
+    for name, value in fields.items():
+      config[name] = value
+    model = models.get_model(
+      config.model, num_classes=10, in_channels=1, **config.model_kwargs
+    )
+    state = steps.create_train_state(
+      model,
+      optim.create_optimizer(config, 30),
+      (28, 28, 1),
+      jax.random.key(0),
+    )
+    manager = checkpoints.create_manager(str(self.workdir / 'checkpoints'), 3)
+    checkpoints.save(manager, state, config, 30)
+    manager.wait_until_finished()
+    manager.close()
 
 
-def test_corrupt_file_names_the_file(mnist_dir, tmp_path):
-  copy = tmp_path / 'mnist'
-  shutil.copytree(mnist_dir, copy)
-  labels = copy / 't10k-labels-idx1-ubyte.gz'
-  labels.write_bytes(labels.read_bytes()[:100])
-  result = run(
-    command(
-      'mnist',
-      tmp_path / 'work',
-      f'--config.data_dir={copy}',
-      f'--config.tfds_data_dir={tmp_path / "tfds"}',
-    ),
-    timeout=120,
+def truncated_idx(case):
+  data = case.mnist_copy()
+  gzipped = data / 't10k-labels-idx1-ubyte.gz'
+  plain = data / 't10k-labels-idx1-ubyte'
+  plain.write_bytes(gzip.decompress(gzipped.read_bytes())[:5000])
+  gzipped.unlink()
+  return case.tiny_on(data), [str(plain), 'truncated or has extra bytes']
+
+
+def corrupt_gzip(case):
+  data = case.mnist_copy()
+  labels = data / 't10k-labels-idx1-ubyte.gz'
+  damaged = bytearray(labels.read_bytes())
+  damaged[100:200] = bytes(100)
+  labels.write_bytes(bytes(damaged))
+  return case.tiny_on(data), [str(labels), 'not a valid gzip file']
+
+
+def wrong_magic(case):
+  data = case.mnist_copy()
+  images = data / 'train-images-idx3-ubyte.gz'
+  content = bytearray(gzip.decompress(images.read_bytes()))
+  content[3] = 0x01
+  images.write_bytes(gzip.compress(bytes(content), compresslevel=1))
+  return case.tiny_on(data), [str(images), 'magic number 0x00000801']
+
+
+def missing_file(case):
+  data = case.mnist_copy()
+  (data / 'train-labels-idx1-ubyte.gz').unlink()
+  return case.tiny_on(data), ['train-labels-idx1-ubyte[.gz]', str(data)]
+
+
+def empty_data_dir(case):
+  data = case.root / 'empty'
+  data.mkdir()
+  return case.tiny_on(data), [f'{data} is missing the MNIST files']
+
+
+def missing_data_dir(case):
+  data = case.root / 'nowhere'
+  return case.tiny_on(data), [f'MNIST folder {data} does not exist']
+
+
+def no_data_given(case):
+  args = command(
+    'mnist', case.workdir, f'--config.tfds_data_dir={case.root / "tfds"}'
   )
-  assert_one_line_error(result, str(labels))
-  assert not (tmp_path / 'tfds' / 'local_mnist').exists()
+  return args, ['train-images-idx3-ubyte', '--config.data_dir', 'DATA=']
+
+
+def cifar10_partial_record(case):
+  folder = case.cifar10_links()
+  batch = folder / 'data_batch_2.bin'
+  content = batch.read_bytes()[:-100]
+  batch.unlink()
+  batch.write_bytes(content)
+  return case.cifar10_on(folder.parent), [
+    str(batch),
+    'not a positive multiple of the 3073-byte',
+  ]
+
+
+def cifar10_label_out_of_range(case):
+  folder = case.cifar10_links()
+  batch = folder / 'test_batch.bin'
+  content = bytearray(batch.read_bytes())
+  content[3073 * 7] = 10
+  batch.unlink()
+  batch.write_bytes(bytes(content))
+  return case.cifar10_on(folder.parent), [
+    str(batch),
+    'label 10 at index 7, expected 0..9',
+  ]
+
+
+def config_value(override, *fragments):
+  def make(case):
+    return case.tiny(override), list(fragments)
+
+  make.__name__ = override
+  return make
+
+
+def batch_larger_than_split(case):
+  return case.tiny('--config.batch_size=2000'), [
+    'batch_size=2000 is larger than the 1000 examples'
+  ]
+
+
+def input_channels_of_other_data(case):
+  config_file = case.root / 'rgb_polynet.py'
+  config_file.write_text(
+    'from pinet_jax.config import default_config\n\n\n'
+    'def get_config():\n'
+    '  config = default_config()\n'
+    '  config.model_kwargs.in_channels = 3\n'
+    '  return config\n'
+  )
+  args = command_for_file(config_file, case.workdir, *case.data_flags)
+  return args, [
+    '--config.model_kwargs.in_channels=3',
+    "dataset 'mnist'",
+    '(28, 28, 1)',
+  ]
+
+
+def workdir_is_a_file(case):
+  case.workdir.write_text('notes, not a work directory')
+  return case.tiny(), [f'cannot create --workdir {case.workdir}']
+
+
+def workdir_under_a_file(case):
+  case.workdir.write_text('notes, not a work directory')
+  case.workdir = case.workdir / 'run'
+  return case.tiny(), [f'cannot create --workdir {case.workdir}']
+
+
+def checkpoint_of_other_model(case):
+  case.save_checkpoint(
+    model='ccp_dense', model_kwargs=ml_collections.ConfigDict({'width': 8})
+  )
+  return case.tiny(), ["model='ccp_dense'", "model='polynet'", 'new --workdir']
+
+
+def checkpoint_of_other_batch_size(case):
+  case.save_checkpoint(batch_size=32)
+  return case.tiny(), ['batch_size=32', 'batch_size=64', 'new --workdir']
+
+
+def resume_path_missing(case):
+  path = case.root / 'old-run' / 'checkpoints' / '120'
+  return case.tiny(f'--config.resume_from={path}'), [
+    f'--config.resume_from={path} does not exist'
+  ]
+
+
+def resume_path_without_checkpoint(case):
+  path = case.root / 'old-run'
+  path.mkdir()
+  return case.tiny(f'--config.resume_from={path}'), [
+    f'--config.resume_from={path} contains no complete checkpoint'
+  ]
+
+
+def unknown_config_field(case):
+  return case.tiny('--config.num_epoch=1'), [
+    'num_epoch',
+    'Did you mean "num_epochs"',
+  ]
+
+
+def missing_config_file(case):
+  args = command_for_file('experiments/mnst.py', case.workdir)
+  return args, ['experiments/mnst.py', 'No such file']
+
+
+BAD_INPUTS = [
+  truncated_idx,
+  corrupt_gzip,
+  wrong_magic,
+  missing_file,
+  empty_data_dir,
+  missing_data_dir,
+  no_data_given,
+  cifar10_partial_record,
+  cifar10_label_out_of_range,
+  config_value(
+    '--config.learning_rate=-1', 'learning_rate must be positive, got -1.0'
+  ),
+  config_value(
+    '--config.learning_rate=0', 'learning_rate must be positive, got 0.0'
+  ),
+  config_value('--config.batch_size=0', 'batch_size must be positive, got 0'),
+  batch_larger_than_split,
+  config_value('--config.model=resnet50', "unknown model 'resnet50'"),
+  config_value('--config.dataset=svhn', "unknown dataset 'svhn'"),
+  config_value('--config.optimizer=lion', "unknown optimizer 'lion'"),
+  config_value(
+    '--config.checkpoint_every_steps=-5', 'checkpoint_every_steps must be >= 0'
+  ),
+  config_value(
+    '--config.max_consecutive_skips=0', 'max_consecutive_skips must be >= 1'
+  ),
+  input_channels_of_other_data,
+  workdir_is_a_file,
+  workdir_under_a_file,
+  checkpoint_of_other_model,
+  checkpoint_of_other_batch_size,
+  resume_path_missing,
+  resume_path_without_checkpoint,
+  unknown_config_field,
+  missing_config_file,
+]
+
+
+def file_digests(root):
+  """Return the SHA-256 of every file under `root`, by relative path."""
+  return {
+    str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+    for path in sorted(root.rglob('*'))
+    if path.is_file()
+  }
 
 
 @pytest.mark.parametrize(
-  'override,fragment',
-  [
-    ('--config.learning_rate=-1', 'learning_rate must be positive'),
-    ('--config.dataset=svhn', "unknown dataset 'svhn'"),
-    ('--config.optimizer=lion', "unknown optimizer 'lion'"),
-  ],
+  'make_case', BAD_INPUTS, ids=lambda make: make.__name__
 )
-def test_invalid_config_value_is_one_line(tmp_path, override, fragment):
-  result = run(command('mnist', tmp_path, override), timeout=120)
-  assert_one_line_error(result, fragment)
-
-
-def test_unknown_config_field_is_one_line(tmp_path):
-  result = run(command('mnist', tmp_path, '--config.num_epoch=1'), timeout=120)
-  assert_one_line_error(result, 'num_epoch', 'Did you mean "num_epochs"')
-
-
-def test_missing_config_file_is_one_line(tmp_path):
-  result = run(
-    [
-      sys.executable,
-      '-m',
-      'pinet_jax.main',
-      '--config=experiments/mnst.py',
-      f'--workdir={tmp_path}',
-    ],
-    timeout=120,
-  )
-  assert_one_line_error(result, 'experiments/mnst.py', 'No such file')
+def test_bad_input_fails_in_one_line(
+  make_case,
+  tmp_path,
+  mnist_dir,
+  cifar10_dir,
+  data_flags,
+  tiny_config,
+):
+  case = Case(tmp_path, mnist_dir, cifar10_dir, data_flags, tiny_config)
+  args, fragments = make_case(case)
+  before = file_digests(tmp_path)
+  result = run(args, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert_one_line_error(result, *fragments)
+  assert file_digests(tmp_path) == before
 
 
 def test_debug_flag_shows_traceback(tmp_path):

@@ -28,3 +28,11 @@ def test_previous_handlers_restored():
   with interrupts.stop_on_signals():
     assert signal.getsignal(signal.SIGTERM) is not before
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_only_given_signals_are_handled():
+  before = signal.getsignal(signal.SIGTERM)
+  with interrupts.stop_on_signals((signal.SIGINT,)) as stop:
+    assert signal.getsignal(signal.SIGTERM) is before
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested

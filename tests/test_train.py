@@ -2,7 +2,6 @@
 
 import functools
 import json
-from pathlib import Path
 
 import chex
 import jax
@@ -11,36 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from pinet_jax import checkpoints, models, optim, steps, train
+from pinet_jax import checkpoints, models, steps, train
 from pinet_jax.config import default_config
 from pinet_jax.data import raw_files
 from pinet_jax.errors import ConfigError
-
-
-@pytest.fixture
-def tiny_config(prepared_mnist, mnist_dir, load_experiment):
-  """The tiny experiment, reading MNIST prepared once per session."""
-  config = load_experiment('tiny')
-  config.data_dir = str(mnist_dir)
-  # The builder's data_dir is <root>/local_mnist/<version>.
-  config.tfds_data_dir = str(Path(prepared_mnist.data_dir).parents[1])
-  return config
-
-
-def restore_state(workdir, config, total_steps):
-  """Restore the latest checkpoint in `workdir` into a fresh template."""
-  model = models.PolyNet(width=config.model_kwargs.width)
-  template = steps.create_train_state(
-    model,
-    optim.create_optimizer(config, total_steps),
-    (28, 28, 1),
-    jax.random.key(0),
-  )
-  manager = checkpoints.create_manager(str(workdir / 'checkpoints'), 3)
-  try:
-    return checkpoints.restore_latest(manager, template, config, total_steps)
-  finally:
-    manager.close()
 
 
 def metrics_lines(workdir):
@@ -261,24 +234,6 @@ def test_eval_counts_every_test_example(tiny_config, tmp_path):
   assert final['eval_count'] == 10_000
 
 
-def test_resume_matches_uninterrupted_run(tiny_config, tmp_path):
-  # 15 steps per epoch: stop at 20 (mid-epoch 2), resume to 25.
-  tiny_config.num_train_steps = 25
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-
-  tiny_config.num_train_steps = 20
-  train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
-  tiny_config.num_train_steps = 25
-  final = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
-  assert final['step'] == 25
-
-  straight = restore_state(tmp_path / 'straight', tiny_config, 25)
-  resumed = restore_state(tmp_path / 'resumed', tiny_config, 25)
-  assert int(straight.step) == int(resumed.step) == 25
-  chex.assert_trees_all_equal(straight.params, resumed.params)
-  chex.assert_trees_all_equal(straight.opt_state, resumed.opt_state)
-
-
 def test_checkpoints_saved_each_epoch_and_pruned(tiny_config, tmp_path):
   tiny_config.num_epochs = 4
   tiny_config.keep_checkpoints = 2
@@ -344,20 +299,6 @@ def test_saving_an_existing_step_keeps_it(tmp_path):
   manager.close()
 
 
-def test_checkpoint_from_other_config_is_rejected(tiny_config, tmp_path):
-  tiny_config.num_train_steps = 3
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  tiny_config.model_kwargs.width = 8
-  with pytest.raises(ConfigError, match='model_kwargs.*new --workdir'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-
-
-def test_batch_larger_than_split_is_rejected(tiny_config, tmp_path):
-  tiny_config.batch_size = 2000
-  with pytest.raises(ConfigError, match='batch_size=2000.*1000 examples'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-
-
 def test_schedule_length_change_is_rejected_on_resume(tiny_config, tmp_path):
   tiny_config.schedule = 'cosine'
   tiny_config.num_train_steps = 5
@@ -373,17 +314,6 @@ def test_constant_schedule_run_can_be_extended(tiny_config, tmp_path):
   tiny_config.num_train_steps = 8
   final = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert final['step'] == 8
-
-
-def test_divergence_stops_before_saving(tiny_config, tmp_path):
-  # A learning rate of 1e4 overflows the degree-32 polynomial at once.
-  tiny_config.learning_rate = 1e4
-  tiny_config.log_every_steps = 100
-  with pytest.raises(FloatingPointError, match='at step 15'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
-  manager = checkpoints.create_manager(str(tmp_path / 'checkpoints'), 3)
-  assert manager.all_steps() == []
-  manager.close()
 
 
 @pytest.mark.parametrize(
@@ -413,9 +343,10 @@ def test_invalid_value_is_config_error(
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
-def test_unusable_workdir_fails_before_data(tiny_config, tmp_path):
-  blocker = tmp_path / 'file'
-  blocker.write_text('not a folder')
-  with pytest.raises(ConfigError, match=r'cannot create --workdir .*file/run'):
-    train.train_and_evaluate(tiny_config, str(blocker / 'run'))
-  assert blocker.read_text() == 'not a folder'
+def test_local_training_opens_no_socket(tiny_config, tmp_path, no_network):
+  # Checking the raw files against the prepared dataset, training,
+  # evaluating and checkpointing. test_builders covers preparing.
+  tiny_config.num_train_steps = 3
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final['step'] == 3
+  assert no_network == []
