@@ -26,6 +26,7 @@ from absl import logging
 from flax import serialization
 
 from pinet_jax import config as config_lib
+from pinet_jax import preprocessing
 from pinet_jax.errors import ConfigError, UserInputError
 from pinet_jax.steps import TrainState
 
@@ -163,6 +164,7 @@ def save(
   config: ml_collections.ConfigDict,
   total_steps: int,
   metrics: dict[str, float] | None = None,
+  normalization: preprocessing.ChannelStatistics | None = None,
 ) -> None:
   """Save `state` at its step; the write finishes in the background.
 
@@ -175,6 +177,9 @@ def save(
     config: the run's config, recorded to check a later resume.
     total_steps: the run's length in steps, which schedules depend on.
     metrics: the latest evaluation, recorded for reference.
+    normalization: the per-channel (mean, std) that the run standardises
+      its inputs with, or None; recorded so that inference applies the
+      same.
   """
   step = int(state.step)
   if step in manager.all_steps():
@@ -184,6 +189,10 @@ def save(
     'total_steps': total_steps,
     'metrics': metrics or {},
   }
+  if normalization is not None:
+    metadata['normalization'] = preprocessing.normalization_to_json(
+      normalization
+    )
   manager.save(
     step,
     args=ocp.args.Composite(

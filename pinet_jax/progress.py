@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 BAR_WIDTH = 20
@@ -54,13 +55,31 @@ class Throughput:
 class MetricsFile:
   """Appends one JSON object per line to `path`, flushing each line.
 
-  Appending keeps the lines of earlier, resumed runs in the same file.
+  Appending keeps the lines of earlier, resumed runs in the same file. Every
+  record gets 'time', the Unix time at which it was written, from which
+  reports compute the wall time of a run.
   """
 
-  def __init__(self, path: str):
+  def __init__(
+    self,
+    path: str,
+    on_write: Callable[[dict[str, Any]], None] | None = None,
+  ):
+    """Create the file's folder if needed.
+
+    Args:
+      path: the JSON-lines file.
+      on_write: called with each record after it is written, such as a
+        TensorBoard writer.
+    """
     self.path = path
+    self._on_write = on_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(self, record: dict[str, Any]) -> None:
+    """Append `record` with its 'time', then pass it to `on_write`."""
+    record = {**record, 'time': time.time()}
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self._on_write is not None:
+      self._on_write(record)

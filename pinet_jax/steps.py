@@ -294,15 +294,19 @@ def train_step(
   Returns:
     The new state, with the batch statistics of this batch folded into the
     running averages, and the metrics: the batch's mean 'loss' and
-    'accuracy' before the update, and 'grads_finite', 1.0 when every
-    gradient is finite and 0.0 when one is NaN or infinite.
+    'accuracy' before the update, 'grads_finite', 1.0 when every
+    gradient is finite and 0.0 when one is NaN or infinite, and the global
+    L2 norms 'grad_norm' of the gradients and 'param_norm' of the updated
+    parameters.
   """
   step_rng = jax.random.fold_in(rng, state.step)
   metrics, grads, batch_stats = _forward_backward(
     state, batch, step_rng, microbatch_size, label_smoothing
   )
   metrics['grads_finite'] = all_finite(grads).astype(jnp.float32)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   state = state.apply_gradients(grads=grads)
+  metrics['param_norm'] = optax.tree.norm(state.params)
   return state.replace(batch_stats=batch_stats), metrics
 
 

@@ -21,10 +21,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pinet_jax import checkpoints, divergence, models, optim, progress, steps
+from pinet_jax import (
+  checkpoints,
+  divergence,
+  environment,
+  models,
+  optim,
+  progress,
+  report,
+  steps,
+  summaries,
+)
 from pinet_jax import config as config_lib
 from pinet_jax.data import pipeline, sources
-from pinet_jax.errors import ConfigError
+from pinet_jax.errors import ConfigError, UserInputError
 from pinet_jax.interrupts import (
   StopRequest,
   TrainingInterrupted,
@@ -77,23 +87,6 @@ def _build_model(config: ml_collections.ConfigDict):
     ) from error
 
 
-def _load_split(builder, config: ml_collections.ConfigDict, option: str):
-  """Load the split named by config.<option>, checking it first."""
-  split = config[option]
-  try:
-    size = builder.info.splits[split].num_examples
-  except ValueError as error:
-    raise ConfigError(
-      f'invalid --config.{option}={split!r}: {error}'.replace('\n', ' ')
-    ) from error
-  if size <= 0:
-    raise ConfigError(
-      f'--config.{option}={split!r} selects no examples; '
-      f'{config.dataset} has splits {sorted(builder.info.splits)}'
-    )
-  return pipeline.load_split(builder, split)
-
-
 def _parameter_count(params: Any) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(params))
 
@@ -119,6 +112,8 @@ class _Run:
   resume_source: checkpoints.CheckpointPath | None
   manager: Any
   metrics_file: progress.MetricsFile
+  writer: Any
+  workdir: str
 
   @property
   def max_consecutive_skips(self) -> int | None:
@@ -158,8 +153,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   workdir = _make_workdir(workdir)
   model = _build_model(config)
   builder = sources.get_builder(config)
-  train_data = _load_split(builder, config, 'train_split')
-  eval_data = _load_split(builder, config, 'eval_split')
+  train_data = pipeline.load_checked_split(
+    builder, config.train_split, '--config.train_split'
+  )
+  eval_data = pipeline.load_checked_split(
+    builder, config.eval_split, '--config.eval_split'
+  )
   num_train = len(train_data.labels)
   steps_per_epoch = pipeline.num_train_batches(num_train, config.batch_size)
   if steps_per_epoch == 0:
@@ -212,6 +211,24 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   if restored is not None:
     state = restored
     logging.info('Resuming at step %d of %d.', state.step, total_steps)
+  train_microbatch_size = _train_microbatch_size(config, state)
+  # Every check has passed: from here on the run writes into the work
+  # directory. In a multi-process run only the first process writes
+  # TensorBoard events.
+  writer = summaries.create_writer(workdir, enabled=jax.process_index() == 0)
+  summaries.write_hparams(writer, config)
+  metrics_file = progress.MetricsFile(
+    os.path.join(workdir, 'metrics.jsonl'),
+    on_write=lambda record: summaries.write_record(writer, record),
+  )
+  # Each session of a run starts with the machine it ran on, for reports.
+  metrics_file.write(
+    {
+      'event': 'start',
+      'step': int(state.step),
+      'environment': environment.describe(),
+    }
+  )
   run = _Run(
     config=config,
     train_data=train_data,
@@ -221,13 +238,15 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     ),
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
-    train_microbatch_size=_train_microbatch_size(config, state),
+    train_microbatch_size=train_microbatch_size,
     step_rng=step_rng,
     model=model,
     init_state=init_state,
     resume_source=resume_source,
     manager=manager,
-    metrics_file=progress.MetricsFile(os.path.join(workdir, 'metrics.jsonl')),
+    metrics_file=metrics_file,
+    writer=writer,
+    workdir=workdir,
   )
   return run, state
 
@@ -337,7 +356,13 @@ def _save_and_stop(run: _Run, state: steps.TrainState) -> None:
   Waiting here, while the signal handlers are still installed, means a
   repeated SIGTERM cannot kill the process halfway through the write.
   """
-  checkpoints.save(run.manager, state, run.config, run.total_steps)
+  checkpoints.save(
+    run.manager,
+    state,
+    run.config,
+    run.total_steps,
+    normalization=run.normalization,
+  )
   run.manager.wait_until_finished()
   raise TrainingInterrupted(
     f'stopped at step {int(state.step)}; checkpoint saved in '
@@ -399,6 +424,7 @@ def _train(
     run.total_steps,
     config.batch_size,
     run.max_consecutive_skips,
+    optim.learning_rate_schedule(config, run.total_steps),
   )
   try:
     for batch in _prefetch_to_device(_train_batches(run, step)):
@@ -429,6 +455,7 @@ def _train(
         config,
         run.total_steps,
         last_eval if epoch_end else None,
+        run.normalization,
       )
       if stopping:
         _save_and_stop(run, state)
@@ -618,6 +645,7 @@ def train_and_evaluate(
   finally:
     run.manager.wait_until_finished()
     run.manager.close()
+    run.writer.close()
   logging.info(
     'Final %s accuracy: %.2f%% at step %d; checkpoints in %s, metrics in %s',
     config.eval_split,
@@ -626,4 +654,20 @@ def train_and_evaluate(
     run.manager.directory,
     run.metrics_file.path,
   )
+  if jax.process_index() == 0:
+    _write_report(run.workdir)
   return final
+
+
+def _write_report(workdir: str) -> None:
+  """Write the curves and the markdown report; a failure only warns.
+
+  The run is finished and saved by then, so a problem with the report
+  must not turn it into a failed run.
+  """
+  try:
+    paths = report.write_report(workdir)
+  except UserInputError as error:
+    logging.warning('No report written: %s', error)
+    return
+  logging.info('Report in %s, curves in %s', paths.markdown, paths.curves)

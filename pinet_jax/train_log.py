@@ -4,6 +4,7 @@ A step's metrics stay on the device until their interval is written, which
 happens after the next step is queued, so logging does not idle the device.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ class TrainLog:
     total_steps: int,
     batch_size: int,
     max_consecutive_skips: int | None,
+    learning_rate: Callable[[int], Any],
   ):
     """Create an empty log.
 
@@ -39,12 +41,15 @@ class TrainLog:
       total_steps: the run's length, for the progress bar and ETA.
       batch_size: examples per step, for img/s.
       max_consecutive_skips: see `divergence.was_skipped`.
+      learning_rate: the optimiser's schedule, step -> rate; each line
+        reports the rate of its interval's last update.
     """
     self._metrics_file = metrics_file
     self._steps_per_epoch = steps_per_epoch
     self._total_steps = total_steps
     self._batch_size = batch_size
     self._max_consecutive_skips = max_consecutive_skips
+    self._learning_rate = learning_rate
     self._pending: list[dict[str, jax.Array]] = []
     self._deferred: tuple[int, list[dict[str, jax.Array]]] | None = None
     self._throughput: progress.Throughput | None = None
@@ -99,6 +104,11 @@ class TrainLog:
       'epoch': epoch,
       'train_loss': loss,
       'train_accuracy': accuracy,
+      'grad_norm': _mean(applied, 'grad_norm'),
+      'param_norm': _mean(applied, 'param_norm'),
+      # The update that brought the state to `step` used the rate of step
+      # - 1, since the schedule counts updates from 0.
+      'learning_rate': float(self._learning_rate(step - 1)),
       'images_per_second': images_per_second,
     }
 

@@ -251,8 +251,9 @@ def test_finished_run_only_evaluates_again(tiny_config, tmp_path):
   lines_before = len(metrics_lines(tmp_path))
   again = train.train_and_evaluate(tiny_config, str(tmp_path))
   added = metrics_lines(tmp_path)[lines_before:]
-  # One evaluation record and no training record.
-  assert [sorted(line) for line in added] == [sorted(first)]
+  # The session's start record, one evaluation record and no training one.
+  assert [line.get('event') for line in added] == ['start', None]
+  assert sorted(added[1]) == sorted([*first, 'time'])
   assert again == first
 
 

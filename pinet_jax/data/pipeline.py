@@ -18,6 +18,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from pinet_jax import preprocessing
+from pinet_jax.errors import ConfigError
+
 # Zero padding on each side before the random crop of the augmentation.
 CROP_PADDING = 4
 # Threads of the per-example map, and batches prepared ahead. Fixed values
@@ -49,11 +52,9 @@ class SplitArrays(NamedTuple):
   labels: np.ndarray  # int32, (N,)
 
 
-class Normalization(NamedTuple):
-  """Per-channel statistics of pixels scaled to [0, 1]."""
-
-  mean: np.ndarray  # float32, (channels,)
-  std: np.ndarray  # float32, (channels,)
+# Per-channel statistics of pixels scaled to [0, 1]. Defined where no
+# TensorFlow import is needed, so that inference can read them too.
+Normalization = preprocessing.ChannelStatistics
 
 
 def _without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -68,6 +69,30 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitArrays:
     builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
   )
   return SplitArrays(images, labels.astype(np.int32))
+
+
+def load_checked_split(
+  builder: tfds.core.DatasetBuilder, split: str, option: str
+) -> SplitArrays:
+  """Load the tfds split `split`, which the user chose with `option`.
+
+  Raises:
+    ConfigError: the split does not exist or selects no examples; the
+      message names `option` and lists the dataset's splits.
+  """
+  splits = sorted(builder.info.splits)
+  try:
+    size = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as error:
+    message = str(error).replace('\n', ' ')
+    raise ConfigError(
+      f'invalid {option}={split!r}: {message}; the dataset has splits {splits}'
+    ) from error
+  if size <= 0:
+    raise ConfigError(
+      f'{option}={split!r} selects no examples; the dataset has splits {splits}'
+    )
+  return load_split(builder, split)
 
 
 def normalization_of(images: np.ndarray) -> Normalization:
