@@ -1,9 +1,10 @@
 """Saving and restoring the training state with orbax.
 
-A checkpoint contains the train state (step, parameters, optimiser state) and a
-JSON record of the config that wrote it. The step is the number of training
-batches consumed, which fixes the epoch and the position inside it, so a
-resumed run continues the same data order. With
+A checkpoint contains the train state (step, parameters, optimiser state,
+batch statistics) and a JSON record of the config that wrote it, the run's
+length, the latest evaluation and the input standardisation. The step is
+the number of training batches consumed, which fixes the epoch and the
+position inside it, so a resumed run continues the same data order. With
 config.skip_nonfinite_updates the optimiser state also counts the skipped
 updates (see `pinet_jax.optim.skip_counters`).
 
@@ -50,6 +51,7 @@ RESUME_KEYS = (
   'warmup_fraction',
   'momentum',
   'weight_decay',
+  'label_smoothing',
   'skip_nonfinite_updates',
   'max_consecutive_skips',
 )

@@ -160,6 +160,7 @@ def describe(
     parts.append(f'The last checkpoint, step {kept_step}, is kept. ')
   parts.append(
     'Lower --config.learning_rate or change --config.model_kwargs.init_scheme'
+    ' (kernel_init for the ResNets)'
   )
   if max_consecutive_skips is None:
     parts.append(

@@ -64,6 +64,7 @@ class MetricsFile:
     self,
     path: str,
     on_write: Callable[[dict[str, Any]], None] | None = None,
+    enabled: bool = True,
   ):
     """Create the file's folder if needed.
 
@@ -71,13 +72,18 @@ class MetricsFile:
       path: the JSON-lines file.
       on_write: called with each record after it is written, such as a
         TensorBoard writer.
+      enabled: False drops every record, for all but one process of a
+        multi-process run.
     """
     self.path = path
     self._on_write = on_write
+    self._enabled = enabled
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(self, record: dict[str, Any]) -> None:
     """Append `record` with its 'time', then pass it to `on_write`."""
+    if not self._enabled:
+      return
     record = {**record, 'time': time.time()}
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')

@@ -303,10 +303,18 @@ def train_step(
   metrics, grads, batch_stats = _forward_backward(
     state, batch, step_rng, microbatch_size, label_smoothing
   )
-  metrics['grads_finite'] = all_finite(grads).astype(jnp.float32)
+  finite = all_finite(grads)
+  metrics['grads_finite'] = finite.astype(jnp.float32)
   metrics['grad_norm'] = optax.tree.norm(grads)
   state = state.apply_gradients(grads=grads)
   metrics['param_norm'] = optax.tree.norm(state.params)
+  # A step whose gradients are not finite either stops the run or is
+  # skipped by the optimiser; its statistics must not reach the state.
+  batch_stats = jax.tree.map(
+    lambda new, old: jnp.where(finite, new, old),
+    batch_stats,
+    state.batch_stats,
+  )
   return state.replace(batch_stats=batch_stats), metrics
 
 

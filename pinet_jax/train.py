@@ -5,6 +5,7 @@ command line; tests call it directly.
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -34,7 +35,7 @@ from pinet_jax import (
 )
 from pinet_jax import config as config_lib
 from pinet_jax.data import pipeline, sources
-from pinet_jax.errors import ConfigError, UserInputError
+from pinet_jax.errors import ConfigError
 from pinet_jax.interrupts import (
   StopRequest,
   TrainingInterrupted,
@@ -138,11 +139,17 @@ def _make_workdir(workdir: str) -> str:
   return path
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: str):
+def _prepare(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  resources: contextlib.ExitStack,
+):
   """Load the data and build the initial state, restoring a checkpoint.
 
   The config, the resume path, the work directory and the model are checked
   before the data is loaded, so that a mistake in them fails in seconds.
+  The checkpoint manager and the TensorBoard writer are closed when
+  `resources` closes.
   """
   config_lib.validate(config)
   resume_source = None
@@ -207,6 +214,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   manager = checkpoints.create_manager(
     os.path.join(workdir, 'checkpoints'), config.keep_checkpoints
   )
+  resources.callback(manager.close)
   restored = _restore_start(manager, state, config, total_steps, resume_source)
   if restored is not None:
     state = restored
@@ -214,12 +222,15 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   train_microbatch_size = _train_microbatch_size(config, state)
   # Every check has passed: from here on the run writes into the work
   # directory. In a multi-process run only the first process writes
-  # TensorBoard events.
-  writer = summaries.create_writer(workdir, enabled=jax.process_index() == 0)
+  # metrics and TensorBoard events.
+  first_process = jax.process_index() == 0
+  writer = summaries.create_writer(workdir, enabled=first_process)
+  resources.callback(writer.close)
   summaries.write_hparams(writer, config)
   metrics_file = progress.MetricsFile(
     os.path.join(workdir, 'metrics.jsonl'),
     on_write=lambda record: summaries.write_record(writer, record),
+    enabled=first_process,
   )
   # Each session of a run starts with the machine it ran on, for reports.
   metrics_file.write(
@@ -326,7 +337,7 @@ def _evaluate_and_log(
     raise divergence.DivergenceError(
       f'evaluation loss is {metrics["loss"]} at step {step}: the polynomial '
       'overflowed; lower --config.learning_rate or change '
-      '--config.model_kwargs.init_scheme'
+      '--config.model_kwargs.init_scheme (kernel_init for the ResNets)'
     )
   logging.info(
     'Step %d (epoch %.2f): eval_loss %.4f, eval_accuracy %.2f%% '
@@ -629,23 +640,23 @@ def train_and_evaluate(
     pinet_jax.divergence.DivergenceError: a training step's loss or
       gradients, or the evaluation loss, became NaN or infinite.
   """
-  run, state = _prepare(config, workdir)
-  try:
-    with stop_on_signals(_stop_signals()) as stop:
-      state, final = _train(run, state, stop)
-      if final is None:
-        logging.info(
-          'The checkpoint at step %d already completes this run of %d '
-          'steps; evaluating it only.',
-          state.step,
-          run.total_steps,
-        )
-        eval_fn = _compile_eval(run, state)
-        final = _evaluate_and_log(run, eval_fn, state)
-  finally:
-    run.manager.wait_until_finished()
-    run.manager.close()
-    run.writer.close()
+  with contextlib.ExitStack() as resources:
+    with _new_folders_removed_on_error(workdir):
+      run, state = _prepare(config, workdir, resources)
+    try:
+      with stop_on_signals(_stop_signals()) as stop:
+        state, final = _train(run, state, stop)
+        if final is None:
+          logging.info(
+            'The checkpoint at step %d already completes this run of %d '
+            'steps; evaluating it only.',
+            state.step,
+            run.total_steps,
+          )
+          eval_fn = _compile_eval(run, state)
+          final = _evaluate_and_log(run, eval_fn, state)
+    finally:
+      run.manager.wait_until_finished()
   logging.info(
     'Final %s accuracy: %.2f%% at step %d; checkpoints in %s, metrics in %s',
     config.eval_split,
@@ -659,6 +670,30 @@ def train_and_evaluate(
   return final
 
 
+@contextlib.contextmanager
+def _new_folders_removed_on_error(workdir: str) -> Iterator[None]:
+  """Remove the folders that a failed start created, if still empty.
+
+  A run rejected before it trains, for a bad config or an incompatible
+  checkpoint, then leaves the file system as it found it.
+  """
+  path = os.path.abspath(os.path.expanduser(workdir))
+  candidates = [os.path.join(path, 'checkpoints'), path]
+  parent = os.path.dirname(path)
+  while parent != os.path.dirname(parent) and not os.path.exists(parent):
+    candidates.append(parent)
+    parent = os.path.dirname(parent)
+  new = [folder for folder in candidates if not os.path.exists(folder)]
+  try:
+    yield
+  except BaseException:
+    for folder in new:
+      # os.rmdir removes only empty folders: anything written stays.
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    raise
+
+
 def _write_report(workdir: str) -> None:
   """Write the curves and the markdown report; a failure only warns.
 
@@ -667,7 +702,12 @@ def _write_report(workdir: str) -> None:
   """
   try:
     paths = report.write_report(workdir)
-  except UserInputError as error:
-    logging.warning('No report written: %s', error)
+  # Any error: a full disk, a read-only folder or a plotting failure alike.
+  except Exception as error:  # noqa: BLE001
+    logging.warning(
+      'No report written: %s; `pinet-jax report --workdir %s` retries',
+      error,
+      workdir,
+    )
     return
   logging.info('Report in %s, curves in %s', paths.markdown, paths.curves)

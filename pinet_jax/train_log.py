@@ -99,6 +99,9 @@ class TrainLog:
     accuracy = _mean(applied, 'accuracy')
     images_per_second, eta = self._throughput.report(step)
     epoch = step / self._steps_per_epoch
+    skip_count = 0
+    if self._max_consecutive_skips is not None:
+      skip_count = int(records[-1]['nonfinite_updates'])
     record = {
       'step': step,
       'epoch': epoch,
@@ -106,15 +109,16 @@ class TrainLog:
       'train_accuracy': accuracy,
       'grad_norm': _mean(applied, 'grad_norm'),
       'param_norm': _mean(applied, 'param_norm'),
-      # The update that brought the state to `step` used the rate of step
-      # - 1, since the schedule counts updates from 0.
-      'learning_rate': float(self._learning_rate(step - 1)),
+      # The schedule counts applied updates from 0, so the last update of
+      # the interval used the rate of its count before it: the steps so
+      # far, less one, less the skipped ones.
+      'learning_rate': float(self._learning_rate(step - 1 - skip_count)),
       'images_per_second': images_per_second,
     }
 
     skipped = ''
     if self._max_consecutive_skips is not None:
-      record['skipped_updates'] = int(records[-1]['nonfinite_updates'])
+      record['skipped_updates'] = skip_count
       skipped = f', {record["skipped_updates"]} updates skipped so far'
     logging.info(
       '%s step %d/%d (epoch %.2f): train_loss %s, train_accuracy %s, '

@@ -204,3 +204,21 @@ def test_batch_norm_microbatches_config_error(resnet_config, tmp_path):
   resnet_config.microbatch_size = 16
   with pytest.raises(ConfigError, match='microbatch_size=16.*pi_resnet'):
     train.train_and_evaluate(resnet_config, str(tmp_path))
+
+
+def test_non_finite_step_keeps_the_running_averages():
+  state = new_state()
+  batch = random_batch()
+  state, _ = jax.jit(steps.train_step)(state, batch, jax.random.key(2))
+  broken = {**batch, 'image': batch['image'].at[0, 0, 0, 0].set(jnp.inf)}
+  new, metrics = jax.jit(steps.train_step)(state, broken, jax.random.key(3))
+  assert float(metrics['grads_finite']) == 0.0
+  chex.assert_trees_all_equal(new.batch_stats, state.batch_stats)
+
+
+def test_label_smoothing_change_blocks_resume(resnet_config, tmp_path):
+  train.train_and_evaluate(resnet_config, str(tmp_path))
+  resnet_config.label_smoothing = 0.0
+  resnet_config.num_train_steps = 5
+  with pytest.raises(ConfigError, match='label_smoothing'):
+    train.train_and_evaluate(resnet_config, str(tmp_path))

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from pinet_jax import checkpoints, models, steps, train
+from pinet_jax import checkpoints, models, optim, steps, train
 from pinet_jax.config import default_config
 from pinet_jax.data import raw_files
 from pinet_jax.errors import ConfigError
@@ -351,3 +351,25 @@ def test_local_training_opens_no_socket(tiny_config, tmp_path, no_network):
   final = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert final['step'] == 3
   assert no_network == []
+
+
+def test_rejected_run_leaves_no_folders(tiny_config, tmp_path):
+  tiny_config.model_kwargs.num_classes = 5
+  workdir = tmp_path / 'new' / 'run'
+  with pytest.raises(ConfigError, match='num_classes=5'):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_logged_learning_rate_follows_the_schedule(tiny_config, tmp_path):
+  tiny_config.schedule = 'cosine'
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  schedule = optim.learning_rate_schedule(tiny_config, 10)
+  logged = [line for line in metrics_lines(tmp_path) if 'train_loss' in line]
+  assert [line['step'] for line in logged] == [5, 10]
+  # The update to step s used the rate the schedule gives at s - 1.
+  assert [line['learning_rate'] for line in logged] == [
+    float(schedule(4)),
+    float(schedule(9)),
+  ]

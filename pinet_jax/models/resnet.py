@@ -7,7 +7,8 @@ identity, or a 1x1 convolution and BatchNorm when the shape changes):
   o = BN_2(conv3x3(BN_1(conv3x3(x)))) and
   y = o + s(x) + BN_3(o ⊙ s(x)), with an optional 1x1 convolution on the
   product before BN_3. BN_2 starts with γ = 0, so o = 0 at initialisation
-  and every block starts as the identity.
+  and every block starts as its shortcut: the identity, or BN(conv1x1(x))
+  where the shape changes.
 - R-PolyNet regularised block: o = BN_2(conv(IBN(conv(x)))), where IBN
   normalises the first 80% of the channels per example (instance norm) and
   the rest over the batch, and y = o + s(x) + α · BN_3(conv1x1(o ⊙ s(x)))
