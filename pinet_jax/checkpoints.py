@@ -114,7 +114,7 @@ def read_state_arrays(directory: str, step: int) -> dict[str, Any]:
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
     )['state']
   except (OSError, ValueError, KeyError) as error:
-    raise _unreadable(os.path.join(directory, str(step)), error) from error
+    raise unreadable(os.path.join(directory, str(step)), error) from error
   finally:
     manager.close()
 
@@ -309,7 +309,7 @@ def restore(
       args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
     )['state']
   except (OSError, ValueError, KeyError) as error:
-    raise _unreadable(path, error) from error
+    raise unreadable(path, error) from error
   logging.info('Restored checkpoint %s', path)
   return serialization.from_state_dict(template, restored)
 
@@ -326,13 +326,24 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     )['metadata']
   except (OSError, ValueError, KeyError) as error:
     path = os.path.join(str(manager.directory), str(step))
-    raise _unreadable(path, error) from error
+    raise unreadable(path, error) from error
 
 
-def _unreadable(path: str, error: Exception) -> CheckpointError:
+# What to do about a checkpoint that cannot be read, when resuming.
+_RESUME_ADVICE = (
+  'move it out of its folder to resume from the one before, or use a new '
+  '--workdir'
+)
+
+
+def unreadable(
+  path: str, error: Exception, advice: str = _RESUME_ADVICE
+) -> CheckpointError:
+  """Return the error for checkpoint `path`, which raised `error` on reading.
+
+  The message gives the reason in one line and then `advice`.
+  """
   reason = ' '.join(str(error).split())[:300]
   return CheckpointError(
-    f'cannot read checkpoint {path}: {type(error).__name__}: {reason}; move '
-    'it out of its folder to resume from the one before, or use a new '
-    '--workdir'
+    f'cannot read checkpoint {path}: {type(error).__name__}: {reason}; {advice}'
   )

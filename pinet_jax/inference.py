@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from pinet_jax import models, preprocessing
+from pinet_jax import checkpoints, models, preprocessing
 from pinet_jax.checkpoints import CheckpointError
 from pinet_jax.data import raw_files, sources
 
@@ -136,10 +136,10 @@ def _select_step(
 
 
 def _unreadable(path: str, error: Exception) -> CheckpointError:
-  reason = ' '.join(str(error).split())[:300]
-  return CheckpointError(
-    f'cannot read checkpoint {path}: {type(error).__name__}: {reason}; '
-    'load another step (--step) or check that the folder was copied whole'
+  return checkpoints.unreadable(
+    path,
+    error,
+    'load another step (--step) or check that the folder was copied whole',
   )
 
 
