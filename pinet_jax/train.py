@@ -152,11 +152,7 @@ def _prepare(
   `resources` closes.
   """
   config_lib.validate(config)
-  resume_source = None
-  if config.resume_from:
-    resume_source = checkpoints.find_checkpoint(
-      config.resume_from, '--config.resume_from'
-    )
+  resume_source = _resume_source(config, workdir)
   workdir = _make_workdir(workdir)
   model = _build_model(config)
   builder = sources.get_builder(config)
@@ -262,6 +258,31 @@ def _prepare(
   return run, state
 
 
+def _resume_source(
+  config: ml_collections.ConfigDict, workdir: str
+) -> checkpoints.CheckpointPath | None:
+  """Return the checkpoint of --config.resume_from, if the run uses it.
+
+  The work directory's own checkpoints come first, so rerunning a command
+  with --config.resume_from continues where that run stopped, even when
+  the source has been deleted since.
+  """
+  if not config.resume_from:
+    return None
+  own = os.path.join(
+    os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
+  )
+  if checkpoints.latest_complete_step(own) is not None:
+    logging.info(
+      '%s already has checkpoints, so the run resumes from its latest '
+      'instead of --config.resume_from=%s.',
+      own,
+      config.resume_from,
+    )
+    return None
+  return checkpoints.find_checkpoint(config.resume_from, '--config.resume_from')
+
+
 def _restore_start(
   manager: Any,
   template: steps.TrainState,
@@ -271,21 +292,14 @@ def _restore_start(
 ) -> steps.TrainState | None:
   """Return the state to resume from, or None to start at step 0.
 
-  The work directory's own latest checkpoint comes first, so rerunning a
-  command with --config.resume_from continues where that run stopped.
+  The work directory's own latest checkpoint comes first; see
+  `_resume_source`.
   """
   restored = checkpoints.restore_latest(manager, template, config, total_steps)
   if restored is None and resume_source is not None:
     logging.info('Starting from --config.resume_from=%s', resume_source.path)
     return checkpoints.restore_from(
       resume_source, template, config, total_steps
-    )
-  if restored is not None and resume_source is not None:
-    logging.info(
-      '%s already has checkpoints, so the run resumes from its latest '
-      'instead of --config.resume_from=%s.',
-      manager.directory,
-      resume_source.path,
     )
   return restored
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,7 +196,9 @@ def test_resume_from_path_then_own(tiny_config, tmp_path):
     restore_latest_state(second, tiny_config, 20),
   )
 
-  # A rerun with the same option continues from the run's own step 20.
+  # A rerun with the same option continues from the run's own step 20,
+  # even with the source gone.
+  shutil.rmtree(tmp_path / 'first')
   tiny_config.num_train_steps = 22
   lines_before = len(progress_records(second))
   train.train_and_evaluate(tiny_config, str(second))
