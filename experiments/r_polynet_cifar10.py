@@ -9,7 +9,8 @@ Command:
 `pinet_jax.config.resnet_config`'s recipe with label smoothing 0.1, as the
 R-PolyNet paper trains. Its 120-epoch schedule with steps at epochs 40,
 60, 80 and 100 is longer than this CPU budget; the one-cycle schedule
-covers 4 epochs. The paper's DropBlock is not part of this recipe.
+covers 4 epochs. The DropBlock regularisation of the R-PolyNet recipe
+(Chrysos et al., CVPR 2023) is not part of this one.
 """
 
 from pinet_jax.config import resnet_config

@@ -329,7 +329,7 @@ def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise unreadable(path, error) from error
 
 
-# What to do about a checkpoint that cannot be read, when resuming.
+# The advice for a checkpoint that cannot be read when resuming.
 _RESUME_ADVICE = (
   'move it out of its folder to resume from the one before, or use a new '
   '--workdir'

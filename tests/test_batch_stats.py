@@ -53,10 +53,11 @@ def test_models_without_statistics_keep_an_empty_collection():
   assert set(state.variables()) == {'params'}
 
 
-def test_train_step_moves_running_averages_by_the_momentum():
+def test_train_step_running_averages():
   state = new_state()
   batch = random_batch()
   new, _ = jax.jit(steps.train_step)(state, batch, jax.random.key(2))
+
   # The stem's statistics are those of its convolution's output, which the
   # parameters before the update determine.
   conv = state.params['stem_conv']['kernel']
@@ -72,14 +73,16 @@ def test_train_step_moves_running_averages_by_the_momentum():
   stats = new.batch_stats['stem_norm']
   np.testing.assert_allclose(stats['mean'], 0.1 * mean, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * var, rtol=1e-5)
-  # BN_2 starts with γ = 0, so each block's product is 0 in the first
-  # step: BN_3 sees mean 0 and variance 0.
+
+  # BN_2 starts with γ = 0, so each block's product is 0 in the first step.
+  # BN_3 therefore receives mean 0 and variance 0.
   for block in ('stage_1_block_1', 'stage_2_block_1'):
     product = new.batch_stats[block]['norm_3']
     np.testing.assert_array_equal(
       product['mean'], np.zeros(product['mean'].shape)
     )
     np.testing.assert_allclose(product['var'], 0.9, rtol=1e-6)
+
   before = traverse_util.flatten_dict(state.batch_stats)
   after = traverse_util.flatten_dict(new.batch_stats)
   assert all(

@@ -265,12 +265,14 @@ def test_tensorboard_events_of_the_run(trained):
     'eval/accuracy',
   } <= tags
   assert not {'train/step', 'train/epoch', 'eval/count', 'train/time'} & tags
+
   train_records = [r for r in trained.records if 'train_loss' in r]
   losses = accumulator.Tensors('train/loss')
   assert [event.step for event in losses] == [r['step'] for r in train_records]
   assert [float(tensor_util.make_ndarray(e.tensor_proto)) for e in losses] == [
     float(np.float32(record['train_loss'])) for record in train_records
   ]
+
   evals = eval_records(trained.records)
   events = accumulator.Tensors('eval/accuracy')
   assert [event.step for event in events] == [15, 30]
@@ -278,6 +280,7 @@ def test_tensorboard_events_of_the_run(trained):
   assert [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events] == [
     float(np.float32(record['eval_accuracy'])) for record in evals
   ]
+
   content = accumulator.PluginTagToContent('hparams')
   hparams = plugin_data_pb2.HParamsPluginData.FromString(
     content['_hparams_/session_start_info']

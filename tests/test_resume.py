@@ -105,10 +105,10 @@ def test_checkpoint_every_k_steps(tiny_config, tmp_path):
   assert unfinished_saves(tmp_path / 'checkpoints') == []
 
 
-# Saves two checkpoints of a PolyNet and kills itself with SIGKILL right
-# after the second save returned, while orbax still writes the 1.2M
-# parameters and their Adam moments in the background; the test checks that
-# the save was unfinished.
+# A script that saves two checkpoints of a PolyNet and kills itself with
+# SIGKILL right after the second save returned. orbax is then still writing
+# the 1.2M parameters and their Adam moments in the background, and the test
+# checks that the save was unfinished.
 KILLED_DURING_SAVE = """
 import os, signal, sys
 import jax, optax
