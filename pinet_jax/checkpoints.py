@@ -96,24 +96,63 @@ def latest_complete_step(directory: str) -> int | None:
   return max(ocp.step.checkpoint_steps(directory), default=None)
 
 
-def read_state_arrays(directory: str, step: int) -> dict[str, Any]:
+def open_reader(directory: str) -> ocp.CheckpointManager:
+  """Return a manager that reads the checkpoints in `directory`.
+
+  It never writes: no folder is created and no temporary folder removed,
+  since a running training job may be saving there at the same time. It
+  serves this process alone, so one process of a multi-process run can
+  read without the others.
+  """
+  this_process = jax.process_index()
+  return ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      create=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=this_process, active_processes={this_process}
+      ),
+    ),
+    item_handlers={
+      'state': ocp.StandardCheckpointHandler(),
+      'metadata': ocp.JsonCheckpointHandler(),
+    },
+  )
+
+
+def restore_on_one_device(
+  manager: ocp.CheckpointManager, step: int
+) -> dict[str, Any]:
   """Return the train state saved at `step` as nested dicts of arrays.
 
-  Needs no template, so any checkpoint of this program can be compared.
+  Needs no template. The arrays go to this process's first device,
+  whatever devices saved them, so a checkpoint written across 8 GPUs or
+  several hosts loads on one CPU. `manager` comes from `open_reader`.
+
+  Raises:
+    OSError, ValueError, KeyError, TypeError: the checkpoint is unreadable.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = manager.item_metadata(step)['state']
+  target = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+    saved,
+  )
+  return manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  )['state']
+
+
+def read_state_arrays(directory: str, step: int) -> dict[str, Any]:
+  """Return the train state saved at `step`; see `restore_on_one_device`.
 
   Raises:
     CheckpointError: the checkpoint cannot be read.
   """
-  manager = ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(create=False),
-    item_names=ITEM_NAMES,
-  )
+  manager = open_reader(directory)
   try:
-    return manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )['state']
-  except (OSError, ValueError, KeyError) as error:
+    return restore_on_one_device(manager, step)
+  except (OSError, ValueError, KeyError, TypeError) as error:
     raise unreadable(os.path.join(directory, str(step)), error) from error
   finally:
     manager.close()

@@ -2,9 +2,12 @@
 
 The data goes through the training program's input pipeline (tfds and
 tf.data, with the config's eval batch size and zero padding), and the logits
-are computed as `steps.eval_step` computes them, in the same microbatches.
-Evaluating a checkpoint on the config's eval split therefore gives the
-eval_accuracy that training logged in metrics.jsonl at that step.
+are computed as `steps.eval_step` computes them, in the run's dtype and
+matmul precision. Evaluating a checkpoint on the config's eval split
+therefore gives the eval_accuracy that training logged in metrics.jsonl at
+that step. That holds bit for bit when training ran on one device; a run
+on several devices summed in another order, which can move a borderline
+prediction.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pinet_jax import config as config_lib
 from pinet_jax import inference, preprocessing, steps
 from pinet_jax.data import pipeline, sources
 
@@ -104,25 +108,16 @@ def _predict_batch(
   variables: Any,
   batch: dict[str, jax.Array],
   microbatch_size: int,
+  compute_dtype: jnp.dtype | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Return the top class (batch,) and the loss sum of the unmasked rows.
 
-  The logits are computed as in `steps.eval_step`, one microbatch after
-  another, so that the predictions are those behind the logged accuracy.
-  A change to one needs the same change to the other, and
-  test_evaluate_reproduces_logged_metrics fails until both agree.
+  The logits are those of `steps.eval_step`, so the predictions are those
+  behind the logged accuracy.
   """
-  images = batch['image']
-  batch_size = images.shape[0]
-
-  def logits_of(part: jax.Array) -> jax.Array:
-    return apply_fn(variables, part, train=False)
-
-  if microbatch_size == batch_size:
-    logits = logits_of(images)
-  else:
-    parts = images.reshape(-1, microbatch_size, *images.shape[1:])
-    logits = jax.lax.map(logits_of, parts).reshape(batch_size, -1)
+  logits = steps.eval_logits(
+    apply_fn, variables, batch['image'], microbatch_size, compute_dtype
+  )
   valid = batch['mask'] > 0
   losses = jnp.where(valid, steps.cross_entropy(logits, batch['label']), 0.0)
   return jnp.argmax(logits, -1).astype(jnp.int32), jnp.sum(losses)
@@ -169,16 +164,20 @@ def evaluate_checkpoint(
       microbatch_size=steps.resolve_microbatch_size(
         0, batch_size, jax.default_backend()
       ),
+      compute_dtype=config_lib.compute_dtype(config),
     )
   )
   predictions, loss_total = [], None
-  for batch in pipeline.eval_batches(
+  batches = pipeline.eval_batches(
     data, batch_size=batch_size, normalization=classifier.normalization
-  ):
-    batch_predictions, loss_sum = predict(classifier.variables, batch)
-    predictions.append(batch_predictions)
-    # Summed on the device in batch order, as the training program sums.
-    loss_total = loss_sum if loss_total is None else loss_total + loss_sum
+  )
+  # The first call compiles, under the run's matmul precision.
+  with config_lib.matmul_precision(config):
+    for batch in batches:
+      batch_predictions, loss_sum = predict(classifier.variables, batch)
+      predictions.append(batch_predictions)
+      # Summed on the device in batch order, as the training program sums.
+      loss_total = loss_sum if loss_total is None else loss_total + loss_sum
   count = len(data.labels)
   # Only the last batch has padding, at its end.
   predictions = np.concatenate(jax.device_get(predictions))[:count]

@@ -91,26 +91,13 @@ def _checkpoints_dir(workdir: str) -> str:
   return directory
 
 
-def _open_manager(directory: str) -> ocp.CheckpointManager:
-  # create=False and no cleanup: a reader must not write into the folder,
-  # where a running training job may be saving at the same time.
-  return ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(create=False),
-    item_handlers={
-      'state': ocp.StandardCheckpointHandler(),
-      'metadata': ocp.JsonCheckpointHandler(),
-    },
-  )
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
   """Return the steps of the committed checkpoints in `workdir`, ascending.
 
   Raises:
     CheckpointError: `workdir` is not a training work directory.
   """
-  manager = _open_manager(_checkpoints_dir(workdir))
+  manager = checkpoints.open_reader(_checkpoints_dir(workdir))
   try:
     return sorted(manager.all_steps())
   finally:
@@ -178,7 +165,7 @@ def read_checkpoint(workdir: str, step: int | None = None) -> CheckpointInfo:
     CheckpointError: `workdir` is not a training work directory, has no
       checkpoint, or has none at `step` (the message lists those it has).
   """
-  manager = _open_manager(_checkpoints_dir(workdir))
+  manager = checkpoints.open_reader(_checkpoints_dir(workdir))
   try:
     return _read_info(manager, workdir, _select_step(manager, workdir, step))
   finally:
@@ -223,19 +210,8 @@ def _restore_variables(
   The arrays go to the default device whatever devices saved them, so a
   checkpoint written on a GPU loads on a CPU-only machine.
   """
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   try:
-    saved = manager.item_metadata(info.step)['state']
-    target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=device
-      ),
-      saved,
-    )
-    state = manager.restore(
-      info.step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
-    )['state']
+    state = checkpoints.restore_on_one_device(manager, info.step)
   except (OSError, ValueError, KeyError, TypeError) as error:
     raise _unreadable(info.path, error) from error
   variables = {'params': state['params']}
@@ -261,7 +237,8 @@ class Classifier:
   are divided by 255 in float32, float pixels must already be in [0, 1],
   and runs with config.normalize are standardised per channel. The model runs
   in evaluation mode (`train=False`), so BatchNorm uses its running
-  averages. Each new batch size compiles once.
+  averages, and in float32 even for a run trained with
+  --config.dtype=bfloat16. Each new batch size compiles once.
 
   Attributes:
     model: the Flax module.
@@ -335,7 +312,7 @@ def load_model(
       does not build a model, arrays that do not match the model, or a run
       with config.normalize whose statistics are neither recorded nor given.
   """
-  manager = _open_manager(_checkpoints_dir(workdir))
+  manager = checkpoints.open_reader(_checkpoints_dir(workdir))
   try:
     info = _read_info(manager, workdir, _select_step(manager, workdir, step))
     normalization = _input_normalization(info, normalization)

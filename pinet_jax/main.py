@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pinet_jax import config as config_lib
+from pinet_jax import sharding
 from pinet_jax.errors import UserInputError
 from pinet_jax.interrupts import InterruptedTwice, TrainingInterrupted
 from pinet_jax.log_filters import QuietLibraryInfo
@@ -30,6 +31,24 @@ flags.DEFINE_bool(
 )
 config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file, e.g. experiments/mnist.py.'
+)
+flags.DEFINE_bool(
+  'distributed',
+  False,
+  'Run as one of several processes (TPU pod slice, GPU cluster): start '
+  'the same command on every host. JAX finds the others on Cloud TPU and '
+  'under SLURM, Open MPI and Kubernetes; elsewhere set the next three flags.',
+)
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'With --distributed: host:port where process 0 listens for the others.',
+)
+flags.DEFINE_integer(
+  'num_processes', None, 'With --distributed: processes in the run.'
+)
+flags.DEFINE_integer(
+  'process_id', None, 'With --distributed: this process, from 0.'
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -71,6 +90,42 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
+def _process_options() -> dict[str, object]:
+  """Return the arguments of `sharding.initialize_processes` from the flags.
+
+  Raises:
+    UserInputError: a process flag without --distributed, or an id
+      outside the process count.
+  """
+  options = {
+    'coordinator_address': FLAGS.coordinator_address,
+    'num_processes': FLAGS.num_processes,
+    'process_id': FLAGS.process_id,
+  }
+  given = [f'--{name}' for name, value in options.items() if value is not None]
+  if given and not FLAGS.distributed:
+    raise UserInputError(
+      f'{", ".join(given)} only apply to runs of several processes; add '
+      '--distributed or remove them'
+    )
+  count, rank = FLAGS.num_processes, FLAGS.process_id
+  address = FLAGS.coordinator_address
+  if address is not None and not address.rpartition(':')[2].isdigit():
+    raise UserInputError(
+      f'--coordinator_address={address} has no port; give HOST:PORT, such '
+      'as 10.0.0.1:1234'
+    )
+  if rank is not None and rank < 0:
+    raise UserInputError(f'--process_id must be >= 0, got {rank}')
+  if count is not None and count < 1:
+    raise UserInputError(f'--num_processes must be >= 1, got {count}')
+  if count is not None and rank is not None and not 0 <= rank < count:
+    raise UserInputError(
+      f'--process_id={rank} must be in [0, {count}) for --num_processes={count}'
+    )
+  return options
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -78,6 +133,12 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(QuietLibraryInfo())
   try:
     config_lib.validate(FLAGS.config)
+    process_options = _process_options()
+    if FLAGS.distributed:
+      sharding.initialize_processes(**process_options)
+      # The processes run the same steps; the first one's log tells all.
+      if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
     # Imported after the check: the training program imports TensorFlow,
     # which takes seconds that an invalid value should not cost.
     from pinet_jax import train

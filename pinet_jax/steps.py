@@ -102,28 +102,40 @@ def resolve_microbatch_size(
   batch_size: int,
   platform: str,
   batch_statistics: bool = False,
+  devices: int = 1,
 ) -> int:
   """Return how many examples each forward and backward pass should take.
 
+  The size counts the examples of all devices together: with a batch split
+  across `devices`, each device computes 1 / devices of every microbatch.
+
   Args:
-    requested: a positive size that divides `batch_size`, or 0 to choose:
-      on CPU the largest divisor of `batch_size` from `CPU_MICROBATCH_SIZE`
-      down to half of it, otherwise (and when none divides) the whole batch.
-      Accelerators keep the whole batch, which they fill best.
-    batch_size: examples per step.
+    requested: a positive multiple of `devices` that divides `batch_size`,
+      or 0 to choose: on CPU the largest divisor of each device's share
+      from `CPU_MICROBATCH_SIZE` down to half of it (times `devices`),
+      otherwise (and when none divides) the whole batch. Accelerators keep
+      the whole batch, which they fill best.
+    batch_size: examples per step, a multiple of `devices`.
     platform: `jax.default_backend()`, such as 'cpu', 'gpu' or 'tpu'.
     batch_statistics: the model normalises with batch statistics in
       training. Its train step then needs the whole batch in one pass, so 0
       chooses the whole batch and a smaller size is an error.
+    devices: devices that the batch is split across.
 
   Raises:
-    ValueError: `requested` is negative or does not divide `batch_size`, or
-      is smaller than the batch of a model with batch statistics.
+    ValueError: `requested` is negative, does not divide `batch_size` or is
+      not a multiple of `devices`, or is smaller than the batch of a model
+      with batch statistics.
   """
   if requested < 0 or (requested and batch_size % requested):
     raise ValueError(
       f'microbatch size {requested} must be 0 (automatic) or a divisor of '
       f'the batch size {batch_size}'
+    )
+  if requested % devices:
+    raise ValueError(
+      f'microbatch size {requested} must be a multiple of the {devices} '
+      'devices that share each microbatch'
     )
   if batch_statistics:
     if requested not in (0, batch_size):
@@ -131,10 +143,11 @@ def resolve_microbatch_size(
     return batch_size
   if requested:
     return requested
+  share = batch_size // devices
   if platform == 'cpu':
     for size in range(CPU_MICROBATCH_SIZE, CPU_MICROBATCH_SIZE // 2 - 1, -1):
-      if batch_size % size == 0:
-        return size
+      if share % size == 0:
+        return size * devices
   return batch_size
 
 
@@ -148,11 +161,43 @@ def _batch_statistics_message(microbatch_size: int, batch_size: int) -> str:
 
 
 def _split_batch(batch: Batch, microbatch_size: int) -> Batch:
-  """Reshape every (batch, ...) array to (microbatches, size, ...)."""
+  """Reshape every (batch, ...) array to (microbatches, size, ...).
+
+  Microbatch i takes examples i, i + m, i + 2m, ... of the m microbatches.
+  A batch split across devices in consecutive blocks thus gives every
+  microbatch the same share of each device's examples, and the split moves
+  no data between devices.
+  """
   return {
-    key: value.reshape(-1, microbatch_size, *value.shape[1:])
-    for key, value in batch.items()
+    key: _strided_parts(value, microbatch_size) for key, value in batch.items()
   }
+
+
+def _strided_parts(value: jax.Array, microbatch_size: int) -> jax.Array:
+  rows = value.reshape(microbatch_size, -1, *value.shape[1:])
+  return jnp.swapaxes(rows, 0, 1)
+
+
+def _merge_microbatches(parts: jax.Array) -> jax.Array:
+  """Invert `_split_batch` for one (microbatches, size, ...) array."""
+  return jnp.swapaxes(parts, 0, 1).reshape(-1, *parts.shape[2:])
+
+
+def cast_floats(tree: Any, dtype: jnp.dtype | None) -> Any:
+  """Return `tree` with its floating-point arrays cast to `dtype`."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+    lambda leaf: (
+      leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+    ),
+    tree,
+  )
+
+
+def _at_least_float32(logits: jax.Array) -> jax.Array:
+  """Return `logits` in float32, or float64 if they are; for the loss."""
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def _check_divides(microbatch_size: int | None, batch: Batch) -> int:
@@ -180,6 +225,7 @@ def loss_and_grads(
   rng: jax.Array,
   microbatch_size: int | None = None,
   label_smoothing: float = 0.0,
+  compute_dtype: jnp.dtype | None = None,
 ) -> tuple[Metrics, Any]:
   """Return the batch's mean loss, its accuracy and the loss's gradients.
 
@@ -191,7 +237,7 @@ def loss_and_grads(
     `state.params`.
   """
   metrics, grads, _ = _forward_backward(
-    state, batch, rng, microbatch_size, label_smoothing
+    state, batch, rng, microbatch_size, label_smoothing, compute_dtype
   )
   return metrics, grads
 
@@ -202,6 +248,7 @@ def _forward_backward(
   rng: jax.Array,
   microbatch_size: int | None,
   label_smoothing: float,
+  compute_dtype: jnp.dtype | None,
 ) -> tuple[Metrics, Any, Any]:
   """Apply the model in training mode and differentiate its loss.
 
@@ -219,6 +266,10 @@ def _forward_backward(
     microbatch_size: a Python int that divides the batch size (static
       under jax.jit); None takes the whole batch at once.
     label_smoothing: see `cross_entropy`; the reported loss includes it.
+    compute_dtype: the dtype of the forward and backward passes, such as
+      jnp.bfloat16, or None for the parameters' own. The parameters are
+      cast to it inside the step, so they, their gradients and the batch
+      statistics keep their dtype; the loss is computed in float32.
 
   Returns:
     The metrics, the gradients and the batch statistics after this batch
@@ -231,13 +282,14 @@ def _forward_backward(
 
   def loss_fn(params, part, part_rng):
     outputs = state.apply_fn(
-      state.variables(params),
-      part['image'],
+      state.variables(cast_floats(params, compute_dtype)),
+      cast_floats(part['image'], compute_dtype),
       train=True,
       rngs={'dropout': part_rng},
       mutable=['batch_stats'],
     )
     logits, updates = outputs
+    logits = _at_least_float32(logits)
     losses = cross_entropy(logits, part['label'], label_smoothing)
     # Each part contributes its share of the whole batch's mean, so the
     # parts' gradients add up to the mean's gradient.
@@ -276,6 +328,7 @@ def train_step(
   rng: jax.Array,
   microbatch_size: int | None = None,
   label_smoothing: float = 0.0,
+  compute_dtype: jnp.dtype | None = None,
 ) -> tuple[TrainState, Metrics]:
   """Take one optimiser step on `batch`.
 
@@ -290,6 +343,7 @@ def train_step(
       'dropout' stream, whose microbatches get keys of their own. Models
       with batch statistics need the whole batch.
     label_smoothing: a Python float in [0, 1); see `cross_entropy`.
+    compute_dtype: see `_forward_backward`; static under jax.jit.
 
   Returns:
     The new state, with the batch statistics of this batch folded into the
@@ -301,7 +355,7 @@ def train_step(
   """
   step_rng = jax.random.fold_in(rng, state.step)
   metrics, grads, batch_stats = _forward_backward(
-    state, batch, step_rng, microbatch_size, label_smoothing
+    state, batch, step_rng, microbatch_size, label_smoothing, compute_dtype
   )
   finite = all_finite(grads)
   metrics['grads_finite'] = finite.astype(jnp.float32)
@@ -324,8 +378,49 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
+def eval_logits(
+  apply_fn: Any,
+  variables: Any,
+  images: jax.Array,
+  microbatch_size: int | None = None,
+  compute_dtype: jnp.dtype | None = None,
+) -> jax.Array:
+  """Return the evaluation-mode logits (batch, classes) of `images`.
+
+  The logits are float32, or float64 for a float64 model.
+
+  Args:
+    apply_fn: the model's `apply`.
+    variables: {'params': ...}, and 'batch_stats' for models with them.
+    images: float (batch, H, W, C).
+    microbatch_size: a Python int that divides the batch size (static
+      under jax.jit); the logits are computed for one microbatch after
+      another, which gives the same values and is faster on CPU. None
+      takes the whole batch at once.
+    compute_dtype: see `_forward_backward`.
+  """
+  batch_size = images.shape[0]
+  # The batch statistics stay float32, as in training.
+  variables = {
+    **variables,
+    'params': cast_floats(variables['params'], compute_dtype),
+  }
+  images = cast_floats(images, compute_dtype)
+
+  def logitsof(part: jax.Array) -> jax.Array:
+    return _at_least_float32(apply_fn(variables, part, train=False))
+
+  if microbatch_size in (None, batch_size):
+    return logitsof(images)
+  parts = _split_batch({'image': images}, microbatch_size)['image']
+  return _merge_microbatches(jax.lax.map(logitsof, parts))
+
+
 def eval_step(
-  state: TrainState, batch: Batch, microbatch_size: int | None = None
+  state: TrainState,
+  batch: Batch,
+  microbatch_size: int | None = None,
+  compute_dtype: jnp.dtype | None = None,
 ) -> Metrics:
   """Return sums over the unmasked examples of `batch`.
 
@@ -333,26 +428,21 @@ def eval_step(
     state: parameters and running batch statistics to evaluate with.
     batch: as for `train_step`, plus 'mask' float32 (batch,) that is 0 on
       padding.
-    microbatch_size: a Python int that divides the batch size (static
-      under jax.jit); the logits are computed for one microbatch after
-      another, which gives the same values and is faster on CPU. None takes
-      the whole batch at once.
+    microbatch_size: see `eval_logits`.
+    compute_dtype: see `_forward_backward`.
 
   Returns:
     'loss_sum', 'correct' and 'count', each a float32 scalar, so batches
     add up to exact totals.
   """
-  batch_size = _check_divides(microbatch_size, batch)
-
-  def logits_of(images: jax.Array) -> jax.Array:
-    return state.apply_fn(state.variables(), images, train=False)
-
-  if microbatch_size in (None, batch_size):
-    logits = logits_of(batch['image'])
-  else:
-    parts = _split_batch({'image': batch['image']}, microbatch_size)
-    logits = jax.lax.map(logits_of, parts['image'])
-    logits = logits.reshape(batch_size, -1)
+  _check_divides(microbatch_size, batch)
+  logits = eval_logits(
+    state.apply_fn,
+    state.variables(),
+    batch['image'],
+    microbatch_size,
+    compute_dtype,
+  )
   valid = batch['mask'] > 0
   # where, not a product with the mask: a NaN on a padding row would
   # survive a multiplication by zero.

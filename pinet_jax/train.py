@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from pinet_jax import (
   checkpoints,
@@ -30,6 +31,7 @@ from pinet_jax import (
   optim,
   progress,
   report,
+  sharding,
   steps,
   summaries,
 )
@@ -50,12 +52,22 @@ def evaluate(
   data: pipeline.SplitArrays,
   config: ml_collections.ConfigDict,
   normalization: pipeline.Normalization | None,
+  mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-  """Return 'loss', 'accuracy' and 'count' over every example of `data`."""
+  """Return 'loss', 'accuracy' and 'count' over every example of `data`.
+
+  Each process reads its own rows of every batch; `eval_fn` sums over
+  the global batch.
+  """
   totals = None
-  for batch in pipeline.eval_batches(
-    data, batch_size=config.eval_batch_size, normalization=normalization
-  ):
+  batches = pipeline.eval_batches(
+    data,
+    batch_size=config.eval_batch_size,
+    normalization=normalization,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  for batch in _prefetch_to_device(batches, mesh):
     sums = eval_fn(state, batch)
     # Adding on the device keeps the host from waiting for every batch.
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -107,6 +119,7 @@ class _Run:
   steps_per_epoch: int
   total_steps: int
   train_microbatch_size: int
+  mesh: jax.sharding.Mesh
   step_rng: jax.Array
   model: Any
   init_state: Callable[[], steps.TrainState]
@@ -152,10 +165,15 @@ def _prepare(
   `resources` closes.
   """
   config_lib.validate(config)
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.batch_size, mesh, '--config.batch_size')
+  sharding.check_batch_size(
+    config.eval_batch_size, mesh, '--config.eval_batch_size'
+  )
   resume_source = _resume_source(config, workdir)
   workdir = _make_workdir(workdir)
   model = _build_model(config)
-  builder = sources.get_builder(config)
+  builder = _prepared_builder(config)
   train_data = pipeline.load_checked_split(
     builder, config.train_split, '--config.train_split'
   )
@@ -186,13 +204,21 @@ def _prepare(
     total_steps,
   )
 
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  # Keys and state are built replicated on every device, which a run of
+  # several processes cannot assemble from host values.
+  init_rng, step_rng = sharding.place_replicated(
+    lambda: tuple(jax.random.split(jax.random.key(config.seed))), mesh
+  )
   init_state = functools.partial(
-    steps.create_train_state,
-    model,
-    optim.create_optimizer(config, total_steps),
-    train_data.images.shape[1:],
-    init_rng,
+    sharding.place_replicated,
+    functools.partial(
+      steps.create_train_state,
+      model,
+      optim.create_optimizer(config, total_steps),
+      train_data.images.shape[1:],
+      init_rng,
+    ),
+    mesh,
   )
   try:
     state = init_state()
@@ -202,11 +228,11 @@ def _prepare(
       f'invalid --config.model_kwargs for model {config.model!r}: {error}'
     ) from error
   logging.info(
-    'Model %s with %s parameters on %s.',
+    'Model %s with %s parameters.',
     config.model,
     f'{_parameter_count(state.params):,}',
-    jax.devices(),
   )
+  logging.info(sharding.describe(mesh, config.batch_size))
   manager = checkpoints.create_manager(
     os.path.join(workdir, 'checkpoints'), config.keep_checkpoints
   )
@@ -215,7 +241,7 @@ def _prepare(
   if restored is not None:
     state = restored
     logging.info('Resuming at step %d of %d.', state.step, total_steps)
-  train_microbatch_size = _train_microbatch_size(config, state)
+  train_microbatch_size = _train_microbatch_size(config, state, mesh)
   # Every check has passed: from here on the run writes into the work
   # directory. In a multi-process run only the first process writes
   # metrics and TensorBoard events.
@@ -246,6 +272,7 @@ def _prepare(
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
     train_microbatch_size=train_microbatch_size,
+    mesh=mesh,
     step_rng=step_rng,
     model=model,
     init_state=init_state,
@@ -256,6 +283,21 @@ def _prepare(
     workdir=workdir,
   )
   return run, state
+
+
+def _prepared_builder(config: ml_collections.ConfigDict) -> Any:
+  """Return the prepared tfds builder, preparing it in process 0 first.
+
+  Two processes that prepare the same folder at once make one of them fail,
+  and the processes of a run often share the folder. The others wait at a
+  barrier, then find the data prepared. NOTE: if process 0 fails to
+  prepare, the others wait at the barrier until JAX's timeout.
+  """
+  if jax.process_count() == 1:
+    return sources.get_builder(config)
+  builder = sources.get_builder(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('pinet_jax: data prepared')
+  return builder or sources.get_builder(config)
 
 
 def _resume_source(
@@ -304,17 +346,25 @@ def _restore_start(
   return restored
 
 
-def _compile(function: Any, *args: Any, donate: bool = False, **static: Any):
+def _compile(
+  function: Any,
+  *args: Any,
+  mesh: jax.sharding.Mesh,
+  donate: bool = False,
+  **static: Any,
+):
   """Compile `function` for `args` once, logging the time it took.
 
   The loop calls the compiled executable, which raises on a shape it was
-  not compiled for instead of silently compiling again. `static` keyword
-  arguments are fixed at compile time.
+  not compiled for instead of silently compiling again. The inputs keep
+  their shardings and every output is replicated on `mesh`. `static`
+  keyword arguments are fixed at compile time.
   """
   start = time.perf_counter()
   jitted = jax.jit(
     functools.partial(function, **static),
     donate_argnums=0 if donate else (),
+    out_shardings=sharding.replicated(mesh),
   )
   compiled = jitted.lower(*args).compile()
   logging.info(
@@ -324,15 +374,19 @@ def _compile(function: Any, *args: Any, donate: bool = False, **static: Any):
 
 
 def _prefetch_to_device(
-  batches: Iterator[dict[str, np.ndarray]], size: int = 2
+  batches: Iterator[dict[str, np.ndarray]],
+  mesh: jax.sharding.Mesh,
+  size: int = 2,
 ) -> Iterator[dict[str, jax.Array]]:
-  """Yield `batches` as device arrays, copying `size` batches ahead.
+  """Yield this process's rows of `batches` as global batches on `mesh`.
 
-  jax.device_put returns at once, so the copies overlap the steps.
+  The copies to the devices return at once, so sending `size` batches
+  ahead overlaps them with the steps.
   """
   queue = collections.deque()
+  to_devices = sharding.batch_sharding(mesh)
   for batch in batches:
-    queue.append(jax.device_put(batch))
+    queue.append(sharding.shard_batch(batch, to_devices))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -345,7 +399,7 @@ def _evaluate_and_log(
   step = int(state.step)
   start = time.perf_counter()
   metrics = evaluate(
-    eval_fn, state, run.eval_data, run.config, run.normalization
+    eval_fn, state, run.eval_data, run.config, run.normalization, run.mesh
   )
   if not math.isfinite(metrics['loss']):
     raise divergence.DivergenceError(
@@ -415,9 +469,27 @@ def _train_batches(
       start_batch=offset,
       augment=run.config.augment,
       normalization=run.normalization,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
     )
     yield from itertools.islice(batches, count)
     step += count
+
+
+def _stop_agreed(run: _Run, stop: StopRequest, step: int) -> bool:
+  """Return whether every process should stop after `step`.
+
+  One process alone cannot stop: the others would wait for it in the next
+  step's collectives. Processes see a Ctrl-C at different steps, so with
+  several of them the requests are gathered every log_every_steps steps,
+  all processes at the same step, and all stop if any asked to.
+  """
+  if jax.process_count() == 1:
+    return stop.requested
+  if step % run.config.log_every_steps:
+    return False
+  requests = multihost_utils.process_allgather(np.array(stop.requested))
+  return bool(np.any(requests))
 
 
 def _checkpoint_due(config: ml_collections.ConfigDict, step: int) -> bool:
@@ -452,7 +524,7 @@ def _train(
     optim.learning_rate_schedule(config, run.total_steps),
   )
   try:
-    for batch in _prefetch_to_device(_train_batches(run, step)):
+    for batch in _prefetch_to_device(_train_batches(run, step), run.mesh):
       if train_fn is None:
         train_fn = _compile_train(run, state, batch)
       state, metrics = train_fn(state, batch, run.step_rng)
@@ -461,7 +533,9 @@ def _train(
       # orbax's check is true only with several JAX processes, once every
       # process reached the step at which they all save (see
       # `_stop_signals`).
-      stopping = stop.requested or run.manager.reached_preemption(step)
+      stopping = _stop_agreed(run, stop, step) or (
+        run.manager.reached_preemption(step)
+      )
       epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
       if step % config.log_every_steps == 0:
         log.end_interval(step)
@@ -503,9 +577,11 @@ def _compile_train(
     state,
     batch,
     run.step_rng,
+    mesh=run.mesh,
     donate=True,
     microbatch_size=run.train_microbatch_size,
     label_smoothing=run.config.label_smoothing,
+    compute_dtype=config_lib.compute_dtype(run.config),
   )
 
 
@@ -529,9 +605,16 @@ def _divergence_error(
     found.step,
   )
   state = _state_at(run, train_fn, found.step - 1)
-  batch = next(_train_batches(run, found.step - 1))
+  batches = _train_batches(run, found.step - 1)
+  batch = next(_prefetch_to_device(batches, run.mesh))
+  # In the step's dtype, which may be the one that overflowed.
+  dtype = config_lib.compute_dtype(run.config)
+  variables = {
+    **state.variables(),
+    'params': steps.cast_floats(state.params, dtype),
+  }
   rms = models.activation_rms(
-    run.model, state.variables(), jnp.asarray(batch['image']), train=True
+    run.model, variables, steps.cast_floats(batch['image'], dtype), train=True
   )
   return divergence.DivergenceError(
     divergence.describe(
@@ -559,31 +642,38 @@ def _state_at(run: _Run, train_fn: Any, step: int) -> steps.TrainState:
     state = run.init_state()
   start = int(state.step)
   batches = itertools.islice(_train_batches(run, start), step - start)
-  for batch in _prefetch_to_device(batches):
+  for batch in _prefetch_to_device(batches, run.mesh):
     state, _ = train_fn(state, batch, run.step_rng)
   return state
 
 
 def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
   """Compile `steps.eval_step` for the shapes that every eval batch shares."""
-  example = next(
-    pipeline.eval_batches(
-      run.eval_data,
-      batch_size=run.config.eval_batch_size,
-      normalization=run.normalization,
-    )
+  batches = pipeline.eval_batches(
+    run.eval_data,
+    batch_size=run.config.eval_batch_size,
+    normalization=run.normalization,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   )
+  example = next(_prefetch_to_device(batches, run.mesh))
   return _compile(
     steps.eval_step,
     state,
     example,
+    mesh=run.mesh,
     # Evaluation always chooses, because its microbatches change no result.
-    microbatch_size=_microbatch_size('Eval', 0, run.config.eval_batch_size),
+    microbatch_size=_microbatch_size(
+      'Eval', 0, run.config.eval_batch_size, run.mesh
+    ),
+    compute_dtype=config_lib.compute_dtype(run.config),
   )
 
 
 def _train_microbatch_size(
-  config: ml_collections.ConfigDict, state: steps.TrainState
+  config: ml_collections.ConfigDict,
+  state: steps.TrainState,
+  mesh: jax.sharding.Mesh,
 ) -> int:
   """Resolve the train step's microbatch size for the model's state."""
   try:
@@ -591,21 +681,31 @@ def _train_microbatch_size(
       'Train',
       config.microbatch_size,
       config.batch_size,
+      mesh,
       batch_statistics=bool(state.batch_stats),
     )
   except ValueError as error:
     raise ConfigError(
       f'--config.microbatch_size={config.microbatch_size} does not suit '
-      f'model {config.model!r}: {error}'
+      f'model {config.model!r} on {sharding.data_parallel_size(mesh)} '
+      f'device(s): {error}'
     ) from error
 
 
 def _microbatch_size(
-  step: str, requested: int, batch_size: int, batch_statistics: bool = False
+  step: str,
+  requested: int,
+  batch_size: int,
+  mesh: jax.sharding.Mesh,
+  batch_statistics: bool = False,
 ) -> int:
   """Resolve and log the microbatch size of the `step` ('Train' or 'Eval')."""
   size = steps.resolve_microbatch_size(
-    requested, batch_size, jax.default_backend(), batch_statistics
+    requested,
+    batch_size,
+    jax.default_backend(),
+    batch_statistics,
+    devices=sharding.data_parallel_size(mesh),
   )
   logging.info(
     '%s step: %d microbatches of %d examples (batch %d).',
@@ -623,8 +723,8 @@ def _stop_signals() -> tuple[signal.Signals, ...]:
   With several JAX processes (jax.distributed.initialize), JAX's
   preemption service receives SIGTERM and orbax's `reached_preemption`
   names the step at which every process saves, so a handler here would
-  stop one process alone. NOTE: that path is untested; the tests run one
-  process.
+  stop one process alone. NOTE: that SIGTERM path is untested; the
+  two-process test runs to the end, and no test sends it a signal.
   """
   if jax.process_count() > 1:
     return (signal.SIGINT,)
@@ -658,7 +758,10 @@ def train_and_evaluate(
     with _new_folders_removed_on_error(workdir):
       run, state = _prepare(config, workdir, resources)
     try:
-      with stop_on_signals(_stop_signals()) as stop:
+      with (
+        config_lib.matmul_precision(config),
+        stop_on_signals(_stop_signals()) as stop,
+      ):
         state, final = _train(run, state, stop)
         if final is None:
           logging.info(

@@ -8,9 +8,12 @@ and fail instead when the environment variable CI is 'true'.
 import contextlib
 import gzip
 import importlib.util
+import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -251,3 +254,54 @@ def restore_latest_state(workdir: Path, config, total_steps: int):
     return checkpoints.restore_latest(manager, template, config, total_steps)
   finally:
     manager.close()
+
+
+def command(config, workdir, *overrides):
+  """Return the command line that trains experiments/<config>.py."""
+  config_file = REPO_ROOT / 'experiments' / f'{config}.py'
+  return command_for_file(config_file, workdir, *overrides)
+
+
+def command_for_file(config_file, workdir, *overrides):
+  return [
+    sys.executable,
+    '-m',
+    'pinet_jax.main',
+    f'--config={config_file}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
+
+
+def run(args, timeout=600, env=None):
+  """Run `args` in the repository, adding `env` to this environment."""
+  return subprocess.run(
+    args,
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, **(env or {})},
+  )
+
+
+def read_metrics(workdir):
+  lines = (Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def data_flags(prepared_mnist, mnist_dir):
+  root = Path(prepared_mnist.data_dir).parents[1]
+  return [f'--config.data_dir={mnist_dir}', f'--config.tfds_data_dir={root}']
+
+
+def assert_one_line_error(result, *fragments):
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  errors = [
+    line for line in result.stderr.splitlines() if line.startswith('error: ')
+  ]
+  assert len(errors) == 1, result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0]

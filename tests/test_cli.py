@@ -2,7 +2,6 @@
 
 import gzip
 import hashlib
-import json
 import queue
 import re
 import shutil
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -20,47 +18,20 @@ import pytest
 from pinet_jax import checkpoints, models, optim, steps
 from pinet_jax.data import raw_files
 
-from conftest import REPO_ROOT
+from conftest import (
+  REPO_ROOT,
+  assert_one_line_error,
+  command,
+  command_for_file,
+  read_metrics,
+  run,
+)
 
 # The budget of the end-to-end run and the accuracy it must reach. The
 # reference network with the MNIST config reached 96.11% after 300 steps
 # of batch 128 (0.64 epochs; jax 0.10.2 on x86-64).
 SMOKE_STEPS = 300
 SMOKE_MIN_ACCURACY = 0.95
-
-
-def command(config, workdir, *overrides):
-  """Return the command line that trains experiments/<config>.py."""
-  config_file = REPO_ROOT / 'experiments' / f'{config}.py'
-  return command_for_file(config_file, workdir, *overrides)
-
-
-def command_for_file(config_file, workdir, *overrides):
-  return [
-    sys.executable,
-    '-m',
-    'pinet_jax.main',
-    f'--config={config_file}',
-    f'--workdir={workdir}',
-    *overrides,
-  ]
-
-
-def run(args, timeout=600):
-  return subprocess.run(
-    args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
-  )
-
-
-def read_metrics(workdir):
-  lines = (Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  return [json.loads(line) for line in lines]
-
-
-@pytest.fixture
-def data_flags(prepared_mnist, mnist_dir):
-  root = Path(prepared_mnist.data_dir).parents[1]
-  return [f'--config.data_dir={mnist_dir}', f'--config.tfds_data_dir={root}']
 
 
 def test_train_mnist_reaches_accuracy(data_flags, tmp_path):
@@ -155,17 +126,6 @@ def test_interrupt_saves_and_rerun_resumes(data_flags, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'Resuming at step {interrupted_at} ' in result.stderr
   assert read_metrics(tmp_path)[-1]['step'] == interrupted_at + 5
-
-
-def assert_one_line_error(result, *fragments):
-  assert result.returncode != 0
-  assert 'Traceback' not in result.stderr
-  errors = [
-    line for line in result.stderr.splitlines() if line.startswith('error: ')
-  ]
-  assert len(errors) == 1, result.stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in errors[0]
 
 
 class Case:
@@ -320,6 +280,30 @@ def config_value(override, *fragments):
   return make
 
 
+def process_flag_without_distributed(case):
+  return case.tiny('--process_id=1'), ['--process_id', 'add --distributed']
+
+
+def process_id_out_of_range(case):
+  return case.tiny('--distributed', '--num_processes=2', '--process_id=2'), [
+    '--process_id=2 must be in [0, 2)'
+  ]
+
+
+def distributed_without_cluster(case):
+  # No cluster environment here, so JAX needs all three process flags.
+  return case.tiny('--distributed'), [
+    '--distributed could not start',
+    '--coordinator_address=HOST:PORT',
+  ]
+
+
+def coordinator_without_port(case):
+  return case.tiny('--distributed', '--coordinator_address=127.0.0.1'), [
+    '--coordinator_address=127.0.0.1 has no port'
+  ]
+
+
 def batch_larger_than_split(case):
   return case.tiny('--config.batch_size=2000'), [
     'batch_size=2000 is larger than the 1000 examples'
@@ -420,6 +404,14 @@ BAD_INPUTS = [
   config_value(
     '--config.max_consecutive_skips=0', 'max_consecutive_skips must be >= 1'
   ),
+  config_value('--config.dtype=float16', "unknown dtype 'float16'"),
+  config_value(
+    '--config.matmul_precision=fast', "unknown matmul precision 'fast'"
+  ),
+  process_flag_without_distributed,
+  process_id_out_of_range,
+  distributed_without_cluster,
+  coordinator_without_port,
   input_channels_of_other_data,
   workdir_is_a_file,
   workdir_under_a_file,

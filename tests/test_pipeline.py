@@ -160,6 +160,56 @@ def test_eval_batches_pad_and_mask_last_batch():
   np.testing.assert_array_equal(seen, np.arange(70))
 
 
+def test_processes_split_every_training_batch():
+  data = make_split()
+  options = {'batch_size': 16, 'seed': 3, 'epoch': 1, 'augment': True}
+  whole = list(pipeline.train_batches(data, **options, start_batch=2))
+  parts = [
+    list(
+      pipeline.train_batches(
+        data, **options, start_batch=2, process_index=rank, process_count=4
+      )
+    )
+    for rank in range(4)
+  ]
+  assert len(whole) == 4
+  assert all(len(batches) == len(whole) for batches in parts)
+  for step, batch in enumerate(whole):
+    shares = [batches[step] for batches in parts]
+    assert all(share['image'].shape == (4, 8, 8, 1) for share in shares)
+    # Process r holds rows r, r + 4, ... of the one-process batch, with
+    # the same augmentation.
+    for rank, share in enumerate(shares):
+      np.testing.assert_array_equal(share['image'], batch['image'][rank::4])
+      np.testing.assert_array_equal(share['label'], batch['label'][rank::4])
+
+
+def test_processes_evaluate_every_example_once():
+  data = make_split(num_examples=65)
+  shares = [
+    list(
+      pipeline.eval_batches(
+        data, batch_size=32, process_index=rank, process_count=4
+      )
+    )
+    for rank in range(4)
+  ]
+  # 65 examples in batches of 32 take 3 steps. Process 0's 17 examples
+  # fill 1 row of its third batch of 8; the others hold 16 examples and
+  # pad a third batch of padding only, so that they take the same steps.
+  assert [len(batches) for batches in shares] == [3, 3, 3, 3]
+  assert [int(batches[-1]['mask'].sum()) for batches in shares] == [1, 0, 0, 0]
+  assert all(b['image'].shape[0] == 8 for batches in shares for b in batches)
+  seen = np.concatenate(
+    [
+      np.rint(b['image'][b['mask'] > 0, 0, 0, 0] * 255)
+      for batches in shares
+      for b in batches
+    ]
+  )
+  np.testing.assert_array_equal(np.sort(seen), np.arange(65))
+
+
 def test_epoch_seed_is_pure_and_distinct():
   assert pipeline.epoch_seed(0, 1) == pipeline.epoch_seed(0, 1)
   seeds = {

@@ -180,6 +180,43 @@ def test_resolve_microbatch_size(requested, batch_size, platform, expected):
   )
 
 
+@pytest.mark.parametrize(
+  'requested, batch_size, platform, expected',
+  [
+    (0, 128, 'cpu', 128),
+    (0, 256, 'cpu', 128),
+    (0, 1000, 'cpu', 1000),
+    (0, 128, 'tpu', 128),
+    (64, 128, 'cpu', 64),
+  ],
+)
+def test_resolve_microbatch_size_on_eight_devices(
+  requested, batch_size, platform, expected
+):
+  # The size counts all devices together; on CPU each device's share of a
+  # microbatch is chosen as on one device.
+  resolved = steps.resolve_microbatch_size(
+    requested, batch_size, platform, devices=8
+  )
+  assert resolved == expected
+
+
+def test_microbatch_shared_by_devices_must_split_evenly():
+  with pytest.raises(ValueError, match='multiple of the 8 devices'):
+    steps.resolve_microbatch_size(4, 128, 'cpu', devices=8)
+
+
+def test_microbatches_take_strided_examples():
+  # With the batch in consecutive blocks across devices, strided
+  # microbatches take an equal share from every block.
+  batch = {'image': jnp.arange(12.0).reshape(12, 1), 'label': jnp.arange(12)}
+  parts = steps._split_batch(batch, 4)
+  np.testing.assert_array_equal(parts['label'][1], [1, 4, 7, 10])
+  np.testing.assert_array_equal(
+    steps._merge_microbatches(parts['image']), batch['image']
+  )
+
+
 @pytest.mark.parametrize('requested', [-1, 5, 256])
 def test_resolve_microbatch_size_rejects_non_divisors(requested):
   with pytest.raises(ValueError, match=f'microbatch size {requested} must'):

@@ -10,6 +10,7 @@ it has already consumed. Augmentation draws from stateless random ops seeded by
 """
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -157,8 +158,14 @@ def train_batches(
   start_batch: int = 0,
   augment: bool = False,
   normalization: Normalization | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yield the training batches of one epoch, from batch `start_batch` on.
+
+  In a run of several processes, each yields its own rows of every batch
+  and decodes and augments only those: the examples at positions
+  process_index, process_index + process_count, ... of the epoch's order.
 
   Args:
     data: the training split.
@@ -169,10 +176,18 @@ def train_batches(
     start_batch: batches of this epoch to skip, to resume mid-epoch.
     augment: apply `_augment` to each example.
     normalization: subtract the mean and divide by the std when given.
+    process_index: this process's rank.
+    process_count: processes that share each batch; it divides batch_size.
 
   Yields:
-    {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,)}.
+    {'image': float32 (rows, H, W, C), 'label': int32 (rows,)}, with
+    rows = batch_size / process_count.
   """
+  if batch_size % process_count:
+    raise ValueError(
+      f'batch size {batch_size} does not split evenly across '
+      f'{process_count} processes'
+    )
   num_examples = len(data.labels)
   shuffle_seed = epoch_seed(seed, epoch)
   dataset = tf.data.Dataset.from_tensor_slices(tuple(data))
@@ -182,6 +197,7 @@ def train_batches(
   # Number the examples before skipping, so that an example's augmentation
   # depends on its position in the epoch, not on where a run resumed.
   dataset = dataset.enumerate().skip(start_batch * batch_size)
+  dataset = dataset.shard(process_count, process_index)
 
   def preprocess(position, example):
     image, label = example
@@ -192,7 +208,7 @@ def train_batches(
   dataset = dataset.map(
     preprocess, num_parallel_calls=MAP_THREADS, deterministic=True
   )
-  dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
   dataset = _without_autotune(dataset.prefetch(PREFETCH_BATCHES))
   yield from tfds.as_numpy(dataset)
 
@@ -202,17 +218,30 @@ def eval_batches(
   *,
   batch_size: int,
   normalization: Normalization | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yield every example of `data` once, in batches of exactly `batch_size`.
 
   The last batch is padded with zeros so that one compiled evaluation step
-  serves every batch; its 'mask' is 0 on the padding, 1 elsewhere.
+  serves every batch; its 'mask' is 0 on the padding, 1 elsewhere. In a
+  run of several processes, each yields its own rows of every batch: the
+  examples process_index, process_index + process_count, ... of `data`,
+  and every process yields the same number of batches.
 
   Yields:
-    {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,),
-    'mask': float32 (batch_size,)}.
+    {'image': float32 (rows, H, W, C), 'label': int32 (rows,),
+    'mask': float32 (rows,)}, with rows = batch_size / process_count.
   """
-  dataset = tf.data.Dataset.from_tensor_slices(tuple(data))
+  if batch_size % process_count:
+    raise ValueError(
+      f'batch size {batch_size} does not split evenly across '
+      f'{process_count} processes'
+    )
+  rows = batch_size // process_count
+  num_batches = -(-len(data.labels) // batch_size)
+  local = SplitArrays(*(array[process_index::process_count] for array in data))
+  dataset = tf.data.Dataset.from_tensor_slices(tuple(local))
   dataset = dataset.map(
     lambda image, label: {
       'image': _to_float(image, normalization),
@@ -220,9 +249,18 @@ def eval_batches(
     },
     num_parallel_calls=MAP_THREADS,
   )
-  dataset = dataset.batch(batch_size).prefetch(PREFETCH_BATCHES)
-  for batch in tfds.as_numpy(_without_autotune(dataset)):
-    yield _pad_batch(batch, batch_size)
+  dataset = dataset.batch(rows).prefetch(PREFETCH_BATCHES)
+  batches = tfds.as_numpy(_without_autotune(dataset))
+  empty = {
+    'image': np.zeros((0, *data.images.shape[1:]), np.float32),
+    'label': np.zeros((0,), np.int32),
+  }
+  # A process whose share ends a batch early pads one more batch, so that
+  # every process runs the same evaluation steps.
+  for batch in itertools.islice(
+    itertools.chain(batches, itertools.repeat(empty)), num_batches
+  ):
+    yield _pad_batch(batch, rows)
 
 
 def _pad_batch(
