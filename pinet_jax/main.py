@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
     process_options = _process_options()
     if FLAGS.distributed:
       sharding.initialize_processes(**process_options)
-      # The processes run the same steps; the first one's log tells all.
+      # The processes run the same steps, so process 0's log covers all.
       if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
     # Imported after the check: the training program imports TensorFlow,

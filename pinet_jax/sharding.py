@@ -8,7 +8,7 @@ those of the global batch, whatever the device count. The mesh also has a
 'model' axis of size 1, where model parallelism would shard parameters.
 
 With several processes (a TPU pod slice, a GPU cluster), every process runs
-the same program after `initialize_processes`; each one feeds only its own
+the same program after `initialize_processes`. Each one feeds only its own
 part of every batch, and `shard_batch` assembles the global arrays.
 """
 
@@ -33,9 +33,9 @@ def initialize_processes(
 ) -> None:
   """Connect this process to the others of a multi-process run.
 
-  Call it once, before anything touches a device. With no arguments, JAX
-  finds the coordinator and this process's rank itself on Cloud TPU and
-  under SLURM, Open MPI and Kubernetes job sets; elsewhere pass all three.
+  Call it once, before anything touches a device. On Cloud TPU and under
+  SLURM, Open MPI and Kubernetes job sets, JAX finds the coordinator and
+  this process's rank itself. Elsewhere pass all three arguments.
   CPU processes exchange their collectives through gloo.
 
   Args:
@@ -74,7 +74,7 @@ def initialize_processes(
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Return a (data, model) mesh of `devices`, by default all of them.
 
-  The model axis has size 1: every device holds a whole model. The device
+  The model axis has size 1: every device keeps a whole model. The device
   order follows the hardware's links on TPU slices (`jax.make_mesh`).
   """
   devices = jax.devices() if devices is None else list(devices)
@@ -93,7 +93,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """A whole copy on every device of `mesh`."""
+  """Return the sharding that keeps a whole copy on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
 
 
@@ -123,6 +123,26 @@ def check_batch_size(batch_size: int, mesh: Mesh, option: str) -> int:
       f'such as {suggestion}'
     )
   return batch_size // devices
+
+
+def round_up_batch(batch_size: int, mesh: Mesh, option: str) -> int:
+  """Return `batch_size` rounded up to a multiple of the device count.
+
+  For evaluation, whose results do not depend on the batch size: any
+  --config.eval_batch_size works on any number of devices. A change is
+  logged with `option`, the config option that set `batch_size`.
+  """
+  devices = data_parallel_size(mesh)
+  rounded = -(-batch_size // devices) * devices
+  if rounded != batch_size:
+    logging.info(
+      '%s=%d rounded up to %d, a multiple of the %d devices.',
+      option,
+      batch_size,
+      rounded,
+      devices,
+    )
+  return rounded
 
 
 def _platform(mesh: Mesh) -> str:

@@ -50,19 +50,19 @@ def evaluate(
   eval_fn: Any,
   state: steps.TrainState,
   data: pipeline.SplitArrays,
-  config: ml_collections.ConfigDict,
+  batch_size: int,
   normalization: pipeline.Normalization | None,
   mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
   """Return 'loss', 'accuracy' and 'count' over every example of `data`.
 
-  Each process reads its own rows of every batch; `eval_fn` sums over
-  the global batch.
+  Each process reads its own rows of every batch of `batch_size`, a
+  multiple of the device count; `eval_fn` sums over the global batch.
   """
   totals = None
   batches = pipeline.eval_batches(
     data,
-    batch_size=config.eval_batch_size,
+    batch_size=batch_size,
     normalization=normalization,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -119,6 +119,7 @@ class _Run:
   steps_per_epoch: int
   total_steps: int
   train_microbatch_size: int
+  eval_batch_size: int
   mesh: jax.sharding.Mesh
   step_rng: jax.Array
   model: Any
@@ -167,9 +168,6 @@ def _prepare(
   config_lib.validate(config)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh, '--config.batch_size')
-  sharding.check_batch_size(
-    config.eval_batch_size, mesh, '--config.eval_batch_size'
-  )
   resume_source = _resume_source(config, workdir)
   workdir = _make_workdir(workdir)
   model = _build_model(config)
@@ -272,6 +270,9 @@ def _prepare(
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
     train_microbatch_size=train_microbatch_size,
+    eval_batch_size=sharding.round_up_batch(
+      config.eval_batch_size, mesh, '--config.eval_batch_size'
+    ),
     mesh=mesh,
     step_rng=step_rng,
     model=model,
@@ -399,7 +400,12 @@ def _evaluate_and_log(
   step = int(state.step)
   start = time.perf_counter()
   metrics = evaluate(
-    eval_fn, state, run.eval_data, run.config, run.normalization, run.mesh
+    eval_fn,
+    state,
+    run.eval_data,
+    run.eval_batch_size,
+    run.normalization,
+    run.mesh,
   )
   if not math.isfinite(metrics['loss']):
     raise divergence.DivergenceError(
@@ -651,7 +657,7 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
   """Compile `steps.eval_step` for the shapes that every eval batch shares."""
   batches = pipeline.eval_batches(
     run.eval_data,
-    batch_size=run.config.eval_batch_size,
+    batch_size=run.eval_batch_size,
     normalization=run.normalization,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -663,9 +669,7 @@ def _compile_eval(run: _Run, state: steps.TrainState) -> Any:
     example,
     mesh=run.mesh,
     # Evaluation always chooses, because its microbatches change no result.
-    microbatch_size=_microbatch_size(
-      'Eval', 0, run.config.eval_batch_size, run.mesh
-    ),
+    microbatch_size=_microbatch_size('Eval', 0, run.eval_batch_size, run.mesh),
     compute_dtype=config_lib.compute_dtype(run.config),
   )
 
