@@ -16,7 +16,7 @@ from pinet_jax.errors import ConfigError
 
 DATASETS = ('mnist', 'cifar10')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULES = ('constant', 'cosine', 'one_cycle')
+SCHEDULES = ('constant', 'cosine', 'one_cycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 # jax.default_matmul_precision's names, from fastest to most exact.
 MATMUL_PRECISIONS = ('default', 'high', 'highest')
@@ -41,8 +41,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Pixels are scaled to [0, 1]; this also subtracts the training set's
   # per-channel mean and divides by its standard deviation.
   config.normalize = False
-  # Random crop after 4-pixel zero padding, and horizontal flips.
+  # Random crop after zero padding of crop_padding pixels per side, which
+  # shifts images by up to that many pixels, and, with flip, horizontal
+  # flips of half of the images.
   config.augment = False
+  config.crop_padding = 4
+  config.flip = True
 
   config.model = 'polynet'
   # Constructor arguments of the model; the dataset sets num_classes and
@@ -54,10 +58,15 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.optimizer = 'adam'
   config.learning_rate = 1e-3
-  # 'constant', 'cosine' (decay to 0 over training) or 'one_cycle' (linear
-  # warm-up over warmup_fraction of the steps, then cosine decay to 0).
+  # 'constant'; 'cosine', a decay to 0 over training; 'one_cycle', a
+  # linear warm-up over warmup_fraction of the steps, then cosine decay to
+  # 0; or 'step', multiplied by decay_factor after each of decay_fractions
+  # of the steps. (1/3, 1/2, 2/3, 5/6) decays at epochs 40, 60, 80 and 100
+  # of 120.
   config.schedule = 'constant'
   config.warmup_fraction = 0.0
+  config.decay_fractions = ()
+  config.decay_factor = 0.1
   config.momentum = 0.9  # sgd only
   config.weight_decay = 0.0  # decoupled, adamw and sgd only
   # Weight moved from the true class onto a uniform target over all classes
@@ -225,6 +234,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.matmul_precision in MATMUL_PRECISIONS,
     f'unknown matmul precision {config.matmul_precision!r}; set '
     f'--config.matmul_precision to one of {list(MATMUL_PRECISIONS)}',
+  )
+  if config.schedule == 'step':
+    fractions = tuple(config.decay_fractions)
+    _require(
+      bool(fractions)
+      and all(0 < f < 1 for f in fractions)
+      and list(fractions) == sorted(set(fractions)),
+      "--config.schedule='step' needs --config.decay_fractions, increasing "
+      f'fractions of the run in (0, 1) such as (0.5, 0.75), got {fractions}',
+    )
+    _require(
+      0 < config.decay_factor < 1,
+      f'--config.decay_factor must be in (0, 1), got {config.decay_factor}',
+    )
+    _require(
+      config.warmup_fraction == 0,
+      "--config.schedule='step' has no warm-up; set "
+      f'--config.warmup_fraction=0 (got {config.warmup_fraction}) or use '
+      "--config.schedule='one_cycle'",
+    )
+  _require(
+    config.crop_padding >= 0,
+    f'--config.crop_padding must be >= 0, got {config.crop_padding}',
   )
   _require(
     config.weight_decay >= 0.0,

@@ -13,13 +13,22 @@ def learning_rate_schedule(
   """Return the learning rate as a function of the step.
 
   Args:
-    config: reads learning_rate, schedule and warmup_fraction.
+    config: reads learning_rate, schedule, warmup_fraction, and for the
+      'step' schedule decay_fractions and decay_factor.
     total_steps: optimiser steps in the whole run; cosine schedules reach 0
       there.
   """
   peak = config.learning_rate
   if config.schedule == 'constant':
     return optax.constant_schedule(peak)
+  if config.schedule == 'step':
+    # Multiply by decay_factor at each fraction of the run, so that a
+    # shortened run keeps the recipe's proportions.
+    boundaries = {
+      int(fraction * total_steps): config.decay_factor
+      for fraction in config.decay_fractions
+    }
+    return optax.piecewise_constant_schedule(peak, boundaries)
   if config.schedule == 'cosine':
     return optax.cosine_decay_schedule(peak, decay_steps=total_steps)
   warmup_steps = int(config.warmup_fraction * total_steps)

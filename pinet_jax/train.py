@@ -474,6 +474,8 @@ def _train_batches(
       epoch=epoch,
       start_batch=offset,
       augment=run.config.augment,
+      crop_padding=run.config.crop_padding,
+      flip=run.config.flip,
       normalization=run.normalization,
       process_index=jax.process_index(),
       process_count=jax.process_count(),

@@ -126,6 +126,36 @@ def test_augmented_image_is_a_shifted_or_flipped_original():
     assert any(np.array_equal(result, c) for c in candidates)
 
 
+@pytest.mark.parametrize('padding', [0, 1, 2])
+def test_shift_without_flip_keeps_orientation(padding):
+  image = np.arange(8 * 8, dtype=np.uint8).reshape(1, 8, 8, 1) + 1
+  data = pipeline.SplitArrays(np.repeat(image, 64, 0), np.zeros(64, np.int32))
+  batches = pipeline.train_batches(
+    data,
+    batch_size=64,
+    seed=3,
+    epoch=0,
+    augment=True,
+    crop_padding=padding,
+    flip=False,
+  )
+  augmented = np.rint(next(batches)['image'][..., 0] * 255).astype(int)
+  padded = np.pad(image[0, :, :, 0].astype(int), padding)
+  shifts = set()
+  for result in augmented:
+    matches = [
+      (top, left)
+      for top in range(2 * padding + 1)
+      for left in range(2 * padding + 1)
+      if np.array_equal(result, padded[top : top + 8, left : left + 8])
+    ]
+    assert len(matches) == 1
+    shifts.add(matches[0])
+  # Every image matched one shift within `padding`, and the draws vary:
+  # all 9 shifts of padding 1 appear, and at least as many of padding 2.
+  assert len(shifts) >= min((2 * padding + 1) ** 2, 9)
+
+
 def test_normalization_standardises_training_pixels():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 200, (64, 4, 4, 3), dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 
 import chex
 import jax
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from pinet_jax import checkpoints, models, optim, steps, train
+from pinet_jax import config as config_lib
 from pinet_jax.config import default_config
 from pinet_jax.data import raw_files
 from pinet_jax.errors import ConfigError
@@ -396,6 +398,35 @@ def test_rejected_run_leaves_no_folders(tiny_config, tmp_path):
   with pytest.raises(ConfigError, match='num_classes=5'):
     train.train_and_evaluate(tiny_config, str(workdir))
   assert list(tmp_path.iterdir()) == []
+
+
+def test_step_schedule_decays_at_fractions_of_the_run():
+  config = default_config()
+  config.schedule = 'step'
+  config.learning_rate = 0.1
+  config.decay_fractions = (1 / 3, 1 / 2, 2 / 3, 5 / 6)
+  # 120 epochs of 390 steps: the rate drops at epochs 40, 60, 80 and 100.
+  schedule = optim.learning_rate_schedule(config, 120 * 390)
+  rates = [float(schedule(epoch * 390)) for epoch in (0, 39, 40, 60, 80, 100)]
+  np.testing.assert_allclose(
+    rates, [0.1, 0.1, 0.01, 0.001, 1e-4, 1e-5], rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'fractions, message',
+  [
+    ((), 'needs --config.decay_fractions'),
+    ((0.5, 0.25), 'increasing'),
+    ((0.5, 1.0), 'in (0, 1)'),
+  ],
+)
+def test_step_schedule_needs_increasing_fractions(fractions, message):
+  config = default_config()
+  config.schedule = 'step'
+  config.decay_fractions = fractions
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
 
 
 def test_logged_learning_rate_follows_the_schedule(tiny_config, tmp_path):

@@ -22,7 +22,8 @@ import tensorflow_datasets as tfds
 from pinet_jax import preprocessing
 from pinet_jax.errors import ConfigError
 
-# Zero padding on each side before the random crop of the augmentation.
+# Zero padding on each side before the random crop of the augmentation, by
+# default: the crop shifts an image by up to this many pixels.
 CROP_PADDING = 4
 # Threads of the per-example map, and batches prepared ahead. Fixed values
 # rather than tf.data.AUTOTUNE: the autotuner's background thread sleeps
@@ -129,18 +130,24 @@ def _to_float(images: tf.Tensor, normalization: Normalization | None):
   return images
 
 
-def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Randomly crop after zero padding, then randomly flip left-right."""
+def _augment(
+  image: tf.Tensor, seed: tf.Tensor, padding: int, flip: bool
+) -> tf.Tensor:
+  """Randomly crop after `padding` zeros per side, then maybe flip.
+
+  The crop shifts the image by up to `padding` pixels in each direction;
+  with `flip`, half of the images are also mirrored left-right.
+  """
   height, width, channels = image.shape
-  padded = tf.pad(
-    image, [[CROP_PADDING, CROP_PADDING], [CROP_PADDING, CROP_PADDING], [0, 0]]
-  )
+  padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
   crop_seed, flip_seed = tf.unstack(
     tf.random.experimental.stateless_split(seed, 2)
   )
   image = tf.image.stateless_random_crop(
     padded, (height, width, channels), seed=crop_seed
   )
+  if not flip:
+    return image
   return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
@@ -157,6 +164,8 @@ def train_batches(
   epoch: int,
   start_batch: int = 0,
   augment: bool = False,
+  crop_padding: int = CROP_PADDING,
+  flip: bool = True,
   normalization: Normalization | None = None,
   process_index: int = 0,
   process_count: int = 1,
@@ -175,6 +184,9 @@ def train_batches(
     epoch: zero-based epoch; it selects the shuffle order.
     start_batch: batches of this epoch to skip, to resume mid-epoch.
     augment: apply `_augment` to each example.
+    crop_padding: the augmentation's largest shift, in pixels.
+    flip: the augmentation also mirrors half of the images; off for
+      digits, whose mirror images are not digits.
     normalization: subtract the mean and divide by the std when given.
     process_index: this process's rank.
     process_count: processes that share each batch; it divides batch_size.
@@ -202,7 +214,9 @@ def train_batches(
   def preprocess(position, example):
     image, label = example
     if augment:
-      image = _augment(image, tf.stack([shuffle_seed, position]))
+      image = _augment(
+        image, tf.stack([shuffle_seed, position]), crop_padding, flip
+      )
     return {'image': _to_float(image, normalization), 'label': label}
 
   dataset = dataset.map(
