@@ -5,9 +5,8 @@ tf.data, with the config's eval batch size and zero padding), and the logits
 are computed as `steps.eval_step` computes them, in the run's dtype and
 matmul precision. Evaluating a checkpoint on the config's eval split
 therefore gives the eval_accuracy that training logged in metrics.jsonl at
-that step. That holds bit for bit when training ran on one device; a run
-on several devices summed in another order, which can move a borderline
-prediction.
+that step, bit for bit when training ran on one device. A run on several
+devices summed in another order, which can move a borderline prediction.
 """
 
 import dataclasses

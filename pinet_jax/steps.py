@@ -269,7 +269,7 @@ def _forward_backward(
     compute_dtype: the dtype of the forward and backward passes, such as
       jnp.bfloat16, or None for the parameters' own. The parameters are
       cast to it inside the step, so they, their gradients and the batch
-      statistics keep their dtype; the loss is computed in float32.
+      statistics keep their dtype. The loss is computed in float32.
 
   Returns:
     The metrics, the gradients and the batch statistics after this batch
@@ -394,7 +394,7 @@ def eval_logits(
     variables: {'params': ...}, and 'batch_stats' for models with them.
     images: float (batch, H, W, C).
     microbatch_size: a Python int that divides the batch size (static
-      under jax.jit); the logits are computed for one microbatch after
+      under jax.jit). The logits are computed for one microbatch after
       another, which gives the same values and is faster on CPU. None
       takes the whole batch at once.
     compute_dtype: see `_forward_backward`.

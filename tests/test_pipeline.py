@@ -207,7 +207,7 @@ def test_processes_split_every_training_batch():
   for step, batch in enumerate(whole):
     shares = [batches[step] for batches in parts]
     assert all(share['image'].shape == (4, 8, 8, 1) for share in shares)
-    # Process r holds rows r, r + 4, ... of the one-process batch, with
+    # Process r yields rows r, r + 4, ... of the one-process batch, with
     # the same augmentation.
     for rank, share in enumerate(shares):
       np.testing.assert_array_equal(share['image'], batch['image'][rank::4])

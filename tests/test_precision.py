@@ -86,8 +86,8 @@ def test_config_dtype_names_the_compute_dtype():
 
 
 def test_training_program_applies_dtype_and_precision(tiny_config, tmp_path):
-  # The options reach the compiled steps: record what each step sees
-  # while it is traced.
+  # The options reach the compiled steps: record the dtype and precision
+  # that each step is traced with.
   seen = []
 
   def spy(step):
