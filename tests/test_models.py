@@ -7,9 +7,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from pinet_jax import models
+from pinet_jax import models, steps
 
 # (in_channels, image size, parameter count, spatial size after each block)
 DATASETS = {
@@ -235,6 +236,80 @@ def test_formulations_match_plain(dataset, formulation):
   ):
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize('formulation', ['im2col', 's2d'])
+def test_forward_mode_matches_plain(formulation):
+  # patch_matmul defines its own derivative rule: forward mode and a
+  # Hessian-vector product (forward over reverse) must still equal plain.
+  images = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
+  plain, variables = init_polynet(1, 28)
+  other = models.PolyNet(formulation=formulation)
+  params = variables['params']
+  direction = jax.tree.map(
+    lambda leaf: jax.random.normal(jax.random.key(5), leaf.shape), params
+  )
+
+  def logits(model, params):
+    return model.apply({'params': params}, images)
+
+  def squared(model, params):
+    return jnp.sum(logits(model, params) ** 2)
+
+  def derivatives(model):
+    _, jvp = jax.jvp(lambda p: logits(model, p), (params,), (direction,))
+    _, hvp = jax.jvp(
+      jax.grad(lambda p: squared(model, p)), (params,), (direction,)
+    )
+    return jvp, hvp
+
+  expected = jax.jit(derivatives, static_argnums=0)(plain)
+  actual = jax.jit(derivatives, static_argnums=0)(other)
+  for want, got in zip(
+    jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True
+  ):
+    scale = float(jnp.abs(want).max())
+    assert scale > 0
+    np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+
+
+def _unfused_dot_shapes(hlo: str) -> list[str]:
+  """Return the output shapes of the dots outside fusions in `hlo`.
+
+  On CPU a dot inside a fusion runs in YNNPACK; one outside runs in Eigen.
+  """
+  shapes = []
+  computation = ''
+  for line in hlo.splitlines():
+    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
+      computation = line.split()[0]
+    elif ' dot(' in line and not computation.startswith('%fused_computation'):
+      shapes.append(line.split('=')[1].split('{')[0].strip())
+  return shapes
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU only')
+def test_block_products_run_in_ynnpack():
+  # The 's2d' train step's speed on CPU rests on every product of a block,
+  # its kernel gradients included, reaching YNNPACK. Only the head's kernel
+  # gradient (a 2304x10 output) stays with Eigen.
+  model = models.PolyNet(formulation='s2d')
+  state = steps.create_train_state(
+    model, optax.adam(1e-3), (28, 28, 1), jax.random.key(0)
+  )
+  batch = {
+    'image': jnp.zeros((32, 28, 28, 1)),
+    'label': jnp.zeros((32,), jnp.int32),
+  }
+  compiled = (
+    jax.jit(steps.train_step, static_argnames='microbatch_size')
+    .lower(state, batch, jax.random.key(1), microbatch_size=16)
+    .compile()
+  )
+  hlo = compiled.as_text()
+  if 'ynn_fusion' not in hlo:
+    pytest.skip('this XLA:CPU build or CPU does not use YNNPACK')
+  assert _unfused_dot_shapes(hlo) == ['f32[2304,10]']
 
 
 def test_unknown_formulation_raises():
