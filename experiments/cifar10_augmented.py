@@ -10,11 +10,12 @@ PyTorch initialisation, pixels in [0, 1]). The recipe counters the
 reference's overfitting with random crops after 4-pixel padding,
 horizontal flips, AdamW with decoupled weight decay 0.01 and label
 smoothing 0.1. It trains for 60 epochs at batch 128 with a one-cycle
-schedule: 10% linear warm-up to lr 1e-3, then cosine decay.
+schedule: 10% linear warm-up to lr 1e-3, then cosine decay. Gradients are
+clipped to a global norm of 10, about 2-5 times their usual norm.
 
-Expected: 79.45% test accuracy with seed 0 (88.7% train accuracy on
-augmented images), in 34.5 minutes on 2 cores of an x86-64 CPU with
-AVX-512. It passed 78% at epoch 36. Seeds 1 and 2 are not run yet.
+Without the clipping, seeds 0 and 1 reached 79.45% and 80.08% test
+accuracy, and seed 2 met a gradient norm of 3e6 at step 2,200, near the
+peak of the rate, and never recovered (27% after 29 epochs).
 """
 
 from pinet_jax.config import default_config
@@ -31,4 +32,5 @@ def get_config():
   config.warmup_fraction = 0.1
   config.augment = True
   config.label_smoothing = 0.1
+  config.grad_clip_norm = 10.0
   return config

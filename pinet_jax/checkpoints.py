@@ -56,6 +56,7 @@ RESUME_KEYS = (
   'momentum',
   'weight_decay',
   'label_smoothing',
+  'grad_clip_norm',
   'skip_nonfinite_updates',
   'max_consecutive_skips',
 )

@@ -69,6 +69,13 @@ def default_config() -> ml_collections.ConfigDict:
   config.decay_factor = 0.1
   config.momentum = 0.9  # sgd only
   config.weight_decay = 0.0  # decoupled, adamw and sgd only
+  # When positive, each step's gradients are scaled down, if needed, to
+  # this global L2 norm before the optimiser's update
+  # (optax.clip_by_global_norm). A degree-32 network can produce a rare
+  # gradient millions of times larger than usual, which Adam's moments
+  # carry into the following steps. 0 leaves the gradients as they are.
+  # The logged grad_norm is the norm before clipping.
+  config.grad_clip_norm = 0.0
   # Weight moved from the true class onto a uniform target over all classes
   # in the training loss; evaluation reports the plain cross-entropy.
   config.label_smoothing = 0.0
@@ -254,6 +261,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'--config.warmup_fraction=0 (got {config.warmup_fraction}) or use '
       "--config.schedule='one_cycle'",
     )
+  _require(
+    config.grad_clip_norm >= 0,
+    f'--config.grad_clip_norm must be >= 0 (0 turns clipping off), got '
+    f'{config.grad_clip_norm}',
+  )
   _require(
     config.crop_padding >= 0,
     f'--config.crop_padding must be >= 0, got {config.crop_padding}',

@@ -45,14 +45,19 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
   """Return the optimiser named by config.optimizer with its schedule.
 
-  With config.skip_nonfinite_updates, the optimiser is wrapped in
-  `optax.apply_if_finite`: a step whose gradients are NaN or infinite
-  leaves the parameters and the inner optimiser state unchanged, and
-  `skip_counters` reads the counts from the state.
+  With a positive config.grad_clip_norm, the gradients are first clipped
+  to that global norm. With config.skip_nonfinite_updates, the optimiser
+  is wrapped in `optax.apply_if_finite`: a step whose gradients are NaN or
+  infinite leaves the parameters and the inner optimiser state unchanged,
+  and `skip_counters` reads the counts from the state.
   """
   optimizer = _base_optimizer(
     config, learning_rate_schedule(config, total_steps)
   )
+  if config.grad_clip_norm:
+    optimizer = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm), optimizer
+    )
   if config.skip_nonfinite_updates:
     return optax.apply_if_finite(
       optimizer, max_consecutive_errors=config.max_consecutive_skips

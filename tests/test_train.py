@@ -429,6 +429,47 @@ def test_step_schedule_needs_increasing_fractions(fractions, message):
     config_lib.validate(config)
 
 
+def test_clipping_scales_large_gradients():
+  config = default_config()
+  config.optimizer = 'sgd'
+  config.momentum = 0.0
+  config.learning_rate = 1.0
+  config.grad_clip_norm = 2.0
+  params = {'a': jnp.zeros(3), 'b': jnp.zeros(())}
+  optimizer = optim.create_optimizer(config, 10)
+  state = optimizer.init(params)
+  # Global norm 10: scaled to norm 2. Norm 1: left as it is.
+  large = {'a': jnp.array([6.0, 0.0, 0.0]), 'b': jnp.array(8.0)}
+  small = {'a': jnp.array([0.6, 0.0, 0.0]), 'b': jnp.array(0.8)}
+  for grads, scale in ((large, 0.2), (small, 1.0)):
+    updates, _ = optimizer.update(grads, state, params)
+    chex.assert_trees_all_close(
+      updates, jax.tree.map(lambda g, s=scale: -s * g, grads), rtol=1e-6
+    )
+
+
+def test_no_clipping_keeps_optimizer_state():
+  # Without clipping the state is the bare optimiser's, so checkpoints
+  # written before the option existed still restore.
+  config = default_config()
+  params = {'w': jnp.ones((2, 2))}
+  plain = optax.adam(optim.learning_rate_schedule(config, 10)).init(params)
+  chex.assert_trees_all_equal_structs(
+    optim.create_optimizer(config, 10).init(params), plain
+  )
+  config.grad_clip_norm = 1.0
+  clipped = optim.create_optimizer(config, 10).init(params)
+  assert jax.tree.structure(clipped) != jax.tree.structure(plain)
+
+
+def test_negative_clip_norm_rejected():
+  config = default_config()
+  config.grad_clip_norm = -1.0
+  message = r'grad_clip_norm must be >= 0.*got -1\.0'
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config)
+
+
 def test_logged_learning_rate_follows_the_schedule(tiny_config, tmp_path):
   tiny_config.schedule = 'cosine'
   tiny_config.num_train_steps = 10
