@@ -18,8 +18,10 @@ about 94% on CIFAR-10.
 
 NOTE: not run to completion: 120 epochs need an accelerator for hours.
 Replace this note with the accuracy, time and hardware of the first
-complete run. The reduced run in the README's results table (width 16, 10
-epochs, the same schedule compressed) is what a 2-core CPU managed.
+complete run. What a 2-core CPU managed is a reduced run (README, "Π-net
+ResNet-18 with the published recipe"): --config.model_kwargs.width=16
+--config.num_epochs=10, the decays at the same fractions of the run,
+reached 62.34% test accuracy in 19 min 36 s.
 """
 
 from pinet_jax.config import resnet_config

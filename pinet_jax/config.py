@@ -50,8 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.model = 'polynet'
   # Constructor arguments of the model; the dataset sets num_classes and
-  # in_channels. 'im2col' computes the same function as 'plain' about 3x
-  # faster on CPU; see pinet_jax.models.product_block.FORMULATIONS.
+  # in_channels. 's2d' computes the same function as 'plain', its blocks
+  # 4.6x faster on CPU (docs/benchmarks.md); see
+  # pinet_jax.models.product_block.FORMULATIONS.
   config.model_kwargs = ml_collections.ConfigDict(
     {'width': 16, 'init_scheme': 'pytorch', 'formulation': 's2d'}
   )

@@ -37,7 +37,8 @@ flags.DEFINE_bool(
   False,
   'Run as one of several processes (TPU pod slice, GPU cluster): start '
   'the same command on every host. JAX finds the others on Cloud TPU and '
-  'under SLURM, Open MPI and Kubernetes; elsewhere set the next three flags.',
+  'under SLURM, Open MPI and Kubernetes (with the kubernetes package '
+  'installed); elsewhere set the next three flags.',
 )
 flags.DEFINE_string(
   'coordinator_address',

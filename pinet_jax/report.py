@@ -120,13 +120,30 @@ def learning_curves(records: Sequence[Record]) -> dict[str, Curve]:
   return curves
 
 
+# Losses spanning more than this factor get a logarithmic axis.
+LOG_LOSS_SPAN = 1e3
+
+
+def _wide_span(curves: Sequence[Curve]) -> bool:
+  """Return whether the curves' positive finite values span > LOG_LOSS_SPAN.
+
+  A polynomial network can give a few test images huge logits, so one
+  evaluation's loss may be 1e20 while the others are near 1. On a linear
+  axis that point flattens every other one to zero.
+  """
+  values = np.concatenate([curve.values for curve in curves])
+  values = values[np.isfinite(values) & (values > 0)]
+  return values.size > 0 and values.max() > LOG_LOSS_SPAN * values.min()
+
+
 def draw_curves(
   curves: dict[str, Curve], eval_split: str, title: str
 ) -> Figure:
   """Return a figure: loss (left) and accuracy in % (right) per epoch.
 
   Each panel has a 'train' line and an eval line with markers, labelled
-  with `eval_split`.
+  with `eval_split`. The loss axis is logarithmic when the losses span
+  more than a factor LOG_LOSS_SPAN.
   """
   figure = Figure(figsize=(10, 4), dpi=100, layout='constrained')
   figure.suptitle(title)
@@ -144,6 +161,9 @@ def draw_curves(
     )
     axes.set_xlabel('epoch')
     axes.set_ylabel('accuracy (%)' if metric == 'accuracy' else 'loss')
+    if metric == 'loss' and _wide_span((train, evaluation)):
+      axes.set_yscale('log')
+      axes.set_ylabel('loss (log scale)')
     axes.grid(alpha=0.3)
     axes.legend()
   return figure

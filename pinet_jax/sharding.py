@@ -34,8 +34,9 @@ def initialize_processes(
   """Connect this process to the others of a multi-process run.
 
   Call it once, before anything touches a device. On Cloud TPU and under
-  SLURM, Open MPI and Kubernetes job sets, JAX finds the coordinator and
-  this process's rank itself. Elsewhere pass all three arguments.
+  SLURM, Open MPI and Kubernetes job sets (the last with the `kubernetes`
+  package installed), JAX finds the coordinator and this process's rank
+  itself. Elsewhere pass all three arguments.
   CPU processes exchange their collectives through gloo.
 
   Args:

@@ -240,6 +240,36 @@ def test_report_curves_are_the_logged_values(trained):
   np.testing.assert_array_equal(
     loss_axes.lines[1].get_ydata(), [r['eval_loss'] for r in evals]
   )
+  assert loss_axes.get_yscale() == 'linear'
+
+
+def curves_with_eval_loss(eval_loss):
+  epochs = np.arange(1.0, len(eval_loss) + 1)
+  return {
+    'train_loss': report.Curve(epochs, np.linspace(2.0, 1.0, len(epochs))),
+    'train_accuracy': report.Curve(epochs, np.full(len(epochs), 0.5)),
+    'eval_loss': report.Curve(epochs, np.array(eval_loss, float)),
+    'eval_accuracy': report.Curve(epochs, np.full(len(epochs), 0.5)),
+  }
+
+
+@pytest.mark.parametrize(
+  ('eval_loss', 'scale'),
+  [
+    # The reduced Π-net ResNet-18 run logged a test loss of 2.6e21.
+    ([1.9, 2.6e21, 1.3], 'log'),
+    # The train loss ends at 1.0, so the span is the eval loss's peak.
+    ([1.9, 1001.0, 1.3], 'log'),
+    ([1.9, 1000.0, 1.3], 'linear'),
+    # Skipped intervals (NaN) and infinities do not decide the scale.
+    ([1.9, float('nan'), float('inf'), 1.3], 'linear'),
+  ],
+)
+def test_loss_axis_log_for_wide_spans(eval_loss, scale):
+  figure = report.draw_curves(curves_with_eval_loss(eval_loss), 'test', 'run')
+  loss_axes, accuracy_axes = figure.axes
+  assert loss_axes.get_yscale() == scale
+  assert accuracy_axes.get_yscale() == 'linear'
 
 
 def read_scalars(logdir):
