@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DATA ?=
 # Where checkpoints and metrics.jsonl go; rerunning resumes from there.
 WORKDIR ?= workdirs/$(DATASET)
-# Extra flags, e.g. ARGS='--config.num_epochs=1'.
+# Extra flags, e.g. ARGS='--config.seed=1'; give such a run its own WORKDIR.
 ARGS ?=
 # SIGKILLs that `make chaos` sends to its training run.
 KILLS ?= 10
@@ -29,12 +29,12 @@ $(INSTALLED): pyproject.toml constraints.txt
 train-mnist: DATASET = mnist
 train-mnist: $(INSTALLED)
 	$(PY) -m pinet_jax.main --config experiments/mnist.py \
-	  --workdir $(WORKDIR) --config.data_dir='$(DATA)' $(ARGS)
+	  --workdir='$(WORKDIR)' --config.data_dir='$(DATA)' $(ARGS)
 
 train-cifar10: DATASET = cifar10
 train-cifar10: $(INSTALLED)
 	$(PY) -m pinet_jax.main --config experiments/cifar10.py \
-	  --workdir $(WORKDIR) --config.data_dir='$(DATA)' $(ARGS)
+	  --workdir='$(WORKDIR)' --config.data_dir='$(DATA)' $(ARGS)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 $(ARGS)

@@ -215,8 +215,9 @@ def _torch_benches(shape) -> dict[str, TorchBench] | str:
     import torch  # noqa: F401
   except ImportError:
     return (
-      'torch is not installed; .venv/bin/pip install torch==2.13.0 adds '
-      'the comparison'
+      'torch is not installed; .venv/bin/pip install -c constraints.txt '
+      'torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu adds '
+      'the comparison (the CPU build)'
     )
   return {
     f'PyTorch {torch_version()} {layout}': TorchBench(

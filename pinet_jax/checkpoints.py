@@ -15,9 +15,11 @@ only the temporary folder, which orbax never lists as a step. A manager
 from `create_manager` deletes such folders before its first save.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -28,7 +30,7 @@ from flax import serialization
 
 from pinet_jax import config as config_lib
 from pinet_jax import preprocessing
-from pinet_jax.errors import ConfigError, UserInputError
+from pinet_jax.errors import CheckpointSaveError, ConfigError, UserInputError
 from pinet_jax.steps import TrainState
 
 # Config fields that a resumed run must share with the checkpoint: they
@@ -215,7 +217,7 @@ def save(
   """Save `state` at its step; the write finishes in the background.
 
   A step that is already saved is left as it is. Call
-  `manager.wait_until_finished()` before the process exits.
+  `wait_for_saves(manager)` before the process exits.
 
   Args:
     manager: from `create_manager`.
@@ -239,14 +241,50 @@ def save(
     metadata['normalization'] = preprocessing.normalization_to_json(
       normalization
     )
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-      metadata=ocp.args.JsonSave(metadata),
-    ),
-  )
+  with _save_failures(manager):
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        metadata=ocp.args.JsonSave(metadata),
+      ),
+    )
   logging.info('Saving checkpoint at step %d to %s', step, manager.directory)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Wait until every save of `manager` is committed.
+
+  Raises:
+    CheckpointSaveError: a save failed, for example on a full disk or a
+      folder that is not writable. The checkpoints committed before it
+      stay.
+  """
+  with _save_failures(manager):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _save_failures(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Turn an OSError of a save into CheckpointSaveError.
+
+  Orbax raises a background save's error from the next call that waits for
+  it: `wait_until_finished`, or the next `save`, which waits first.
+  """
+  try:
+    yield
+  except OSError as error:
+    latest = manager.latest_step()
+    latest_note = (
+      f'the latest complete checkpoint is step {latest}'
+      if latest is not None
+      else 'no checkpoint is complete'
+    )
+    raise CheckpointSaveError(
+      f'saving a checkpoint into {manager.directory} failed: {error}. Free '
+      'disk space or make the folder writable, then rerun to resume; '
+      f'{latest_note}'
+    ) from error
 
 
 def _check_compatible(

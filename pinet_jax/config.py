@@ -6,6 +6,7 @@ override fields; the command line overrides them again with
 """
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,16 @@ SCHEDULES = ('constant', 'cosine', 'one_cycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 # jax.default_matmul_precision's names, from fastest to most exact.
 MATMUL_PRECISIONS = ('default', 'high', 'highest')
+# Fields that must be finite; NaN or inf would only show as a divergence.
+FLOAT_FIELDS = (
+  'learning_rate',
+  'warmup_fraction',
+  'decay_factor',
+  'momentum',
+  'weight_decay',
+  'grad_clip_norm',
+  'label_smoothing',
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -194,6 +205,12 @@ def resnet_config(
   return config
 
 
+def _first_names(names: list[str], limit: int = 5) -> str:
+  """Return the first `limit` of `names`, and how many more there are."""
+  more = len(names) - limit
+  return f'{names[:limit]}' + (f' and {more} more' if more > 0 else '')
+
+
 def _require(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
@@ -201,6 +218,25 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise ConfigError naming the first invalid field of `config`."""
+  missing = sorted(set(default_config().keys()) - set(config.keys()))
+  _require(
+    not missing,
+    f'config field(s) {_first_names(missing)} missing: a config file must '
+    'start from pinet_jax.config.default_config() and override its fields',
+  )
+  unknown = sorted(set(config.keys()) - set(default_config().keys()))
+  _require(
+    not unknown,
+    f'unknown config field(s) {_first_names(unknown)}: a config file sets a '
+    'field that default_config() does not have; check its spelling against '
+    'pinet_jax/config.py',
+  )
+  for name in FLOAT_FIELDS:
+    value = config[name]
+    _require(
+      isinstance(value, int | float) and math.isfinite(value),
+      f'--config.{name} must be a finite number, got {value}',
+    )
   _require(
     config.dataset in DATASETS,
     f'unknown dataset {config.dataset!r}; set --config.dataset to one of '
@@ -256,12 +292,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       0 < config.decay_factor < 1,
       f'--config.decay_factor must be in (0, 1), got {config.decay_factor}',
     )
-    _require(
-      config.warmup_fraction == 0,
-      "--config.schedule='step' has no warm-up; set "
-      f'--config.warmup_fraction=0 (got {config.warmup_fraction}) or use '
-      "--config.schedule='one_cycle'",
-    )
+  # 'constant' and 'cosine' ignore warmup_fraction, as they always have, so
+  # that their existing work directories still resume.
+  _require(
+    config.schedule != 'step' or config.warmup_fraction == 0,
+    "--config.schedule='step' has no warm-up; set "
+    f'--config.warmup_fraction=0 (got {config.warmup_fraction}) or use '
+    "--config.schedule='one_cycle'",
+  )
+  _require(
+    0.0 <= config.momentum < 1.0,
+    f'--config.momentum must be in [0, 1), got {config.momentum}',
+  )
   _require(
     config.grad_clip_norm >= 0,
     f'--config.grad_clip_norm must be >= 0 (0 turns clipping off), got '

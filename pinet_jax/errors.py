@@ -15,3 +15,12 @@ class ConfigError(UserInputError):
 
 class DataNotFoundError(UserInputError):
   """A dataset that is neither in a local folder nor prepared by tfds."""
+
+
+class CheckpointSaveError(UserInputError):
+  """A checkpoint save that failed, such as on a full or read-only disk.
+
+  Orbax's background threads of the failed save keep waiting for its
+  signals until orbax's coordination timeout, so the command line exits
+  without waiting for them.
+  """

@@ -10,6 +10,7 @@ tests and notebooks can call it directly.
 
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -17,7 +18,7 @@ from ml_collections import config_flags
 
 from pinet_jax import config as config_lib
 from pinet_jax import sharding
-from pinet_jax.errors import UserInputError
+from pinet_jax.errors import CheckpointSaveError, UserInputError
 from pinet_jax.interrupts import InterruptedTwice, TrainingInterrupted
 from pinet_jax.log_filters import QuietLibraryInfo
 
@@ -85,8 +86,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.keys()
   except flags.Error as error:
     sys.exit(f'error: {error}\nPass --help to list the flags.')
+  except SyntaxError as error:
+    sys.exit(
+      f'error: --config file {error.filename} line {error.lineno}: '
+      f'{error.msg}; fix the file'
+    )
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
     message = ' '.join(str(error).replace('\\n', ' ').strip('\'"').split())
+    if message.isidentifier():
+      # ml_collections names only the key for a field the config lacks.
+      sys.exit(
+        f'error: the config has no field {message!r}; a --config.FIELD '
+        'override sets only fields that the config file defines (the '
+        'model_kwargs of another model need a config file that sets them)'
+      )
     sys.exit(f'error: invalid --config or --config.FIELD: {message}')
   return remaining
 
@@ -157,6 +170,14 @@ def main(argv: list[str]) -> None:
   except KeyboardInterrupt:
     logging.warning('Interrupted before training started; nothing was saved.')
     sys.exit(EXIT_INTERRUPTED)
+  except CheckpointSaveError as error:
+    if FLAGS.debug:
+      traceback.print_exc()
+    sys.stderr.write(f'error: {error}\n')
+    sys.stderr.flush()
+    # The run has closed its files. Exiting normally would wait for
+    # orbax's threads of the failed save, which wait for its signals.
+    os._exit(1)
   except (UserInputError, FloatingPointError) as error:
     if FLAGS.debug:
       raise

@@ -31,25 +31,40 @@ def progress_bar(done: int, total: int) -> str:
 class Throughput:
   """Images per second between reports, and the time left for a run.
 
-  Call `report` with the current step; the rate covers the steps since the
-  previous report, and the ETA assumes that rate for the remaining steps.
+  Call `report` with the current step. The rate covers the steps since the
+  previous report. The ETA divides the remaining steps by the mean rate
+  since this object was created, because an interval of a few steps, such
+  as the end of an epoch, is too short to predict the rest of the run.
   """
 
-  def __init__(self, step: int, total_steps: int, batch_size: int):
-    self._step = step
-    self._time = time.perf_counter()
+  def __init__(
+    self,
+    step: int,
+    total_steps: int,
+    batch_size: int,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
+    self._clock = clock
+    self._start_step, self._start_time = step, clock()
+    self._step, self._time = self._start_step, self._start_time
     self._total_steps = total_steps
     self._batch_size = batch_size
 
   def report(self, step: int) -> tuple[float, float]:
     """Return (images per second, seconds left) and restart the interval."""
-    now = time.perf_counter()
-    elapsed = max(now - self._time, 1e-9)
-    steps_per_second = (step - self._step) / elapsed
+    now = self._clock()
+    interval_rate = _steps_per_second(step - self._step, now - self._time)
+    mean_rate = _steps_per_second(
+      step - self._start_step, now - self._start_time
+    )
     self._step, self._time = step, now
     remaining = self._total_steps - step
-    eta = remaining / steps_per_second if steps_per_second else float('inf')
-    return steps_per_second * self._batch_size, eta
+    eta = remaining / mean_rate if mean_rate else float('inf')
+    return interval_rate * self._batch_size, eta
+
+
+def _steps_per_second(steps: int, seconds: float) -> float:
+  return steps / max(seconds, 1e-9)
 
 
 class MetricsFile:
@@ -79,6 +94,8 @@ class MetricsFile:
     self._on_write = on_write
     self._enabled = enabled
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if enabled:
+      _end_last_line(path)
 
   def write(self, record: dict[str, Any]) -> None:
     """Append `record` with its 'time', then pass it to `on_write`."""
@@ -89,3 +106,17 @@ class MetricsFile:
       f.write(json.dumps(record, sort_keys=True) + '\n')
     if self._on_write is not None:
       self._on_write(record)
+
+
+def _end_last_line(path: str) -> None:
+  """Terminate the last line of `path` if a killed process cut it short.
+
+  The next record then starts a line of its own instead of extending the
+  partial one into a second line that is not valid JSON.
+  """
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, 'rb+') as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) != b'\n':
+      f.write(b'\n')

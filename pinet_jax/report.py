@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from matplotlib.figure import Figure
 
 from pinet_jax import environment, inference, progress
@@ -65,17 +66,25 @@ class ReportPaths:
 def read_metrics(path: str) -> list[Record]:
   """Return the records of a metrics.jsonl file, in file order.
 
+  A line that is not a JSON object, such as a record cut short when a
+  process was killed mid-write, is skipped with a warning.
+
   Raises:
-    pinet_jax.errors.UserInputError: the file is missing or a line is not
-      a JSON object.
+    pinet_jax.errors.UserInputError: the file is missing.
   """
   try:
-    with open(path, encoding='utf-8') as metrics:
+    # Bytes that are not UTF-8 become U+FFFD instead of stopping the read.
+    with open(path, encoding='utf-8', errors='replace') as metrics:
       lines = metrics.read().splitlines()
   except FileNotFoundError as error:
     raise UserInputError(
       f'{path} not found: the training program writes it into its '
       '--workdir; pass the --workdir of a training run'
+    ) from error
+  except OSError as error:
+    raise UserInputError(
+      f'cannot read {path}: {error.strerror}; pass the --workdir of a '
+      'training run'
     ) from error
   records = []
   for number, line in enumerate(lines, start=1):
@@ -83,12 +92,11 @@ def read_metrics(path: str) -> list[Record]:
       continue
     try:
       record = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise UserInputError(
-        f'{path} line {number} is not valid JSON: {error}'
-      ) from error
+    except json.JSONDecodeError:
+      record = None
     if not isinstance(record, dict):
-      raise UserInputError(f'{path} line {number} is not a JSON object')
+      logging.warning('Skipped %s line %d: not a JSON object.', path, number)
+      continue
     records.append(record)
   return records
 

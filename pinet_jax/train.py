@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from pinet_jax import (
   checkpoints,
+  constant_output,
   divergence,
   environment,
   models,
@@ -34,6 +35,7 @@ from pinet_jax import (
   sharding,
   steps,
   summaries,
+  workdir_lock,
 )
 from pinet_jax import config as config_lib
 from pinet_jax.data import pipeline, sources
@@ -138,6 +140,45 @@ class _Run:
     return self.config.max_consecutive_skips
 
 
+def _lock_workdir(workdir: str, resources: contextlib.ExitStack) -> None:
+  """Lock `workdir` until `resources` closes, or stop if a run holds it.
+
+  The processes of one run share the work directory, so process 0 locks
+  it for all of them and tells the others whether it could.
+
+  Raises:
+    workdir_lock.WorkdirInUseError: another run holds the lock.
+  """
+  taken = False
+  if jax.process_index() == 0:
+    try:
+      resources.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.WorkdirInUseError:
+      taken = True
+  if jax.process_count() > 1:
+    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+  if taken:
+    raise workdir_lock.in_use_error(workdir)
+
+
+def _check_workdir_name(workdir: str) -> None:
+  """Reject a work directory name that is empty or looks like a flag.
+
+  An empty name would write into the current folder, over any report.md
+  there. A name starting with '-' is usually the next flag, taken as the
+  value of an empty --workdir.
+  """
+  if not workdir.strip():
+    raise ConfigError(
+      '--workdir is empty; give the folder for this run, such as workdirs/mnist'
+    )
+  if workdir.startswith('-'):
+    raise ConfigError(
+      f'--workdir {workdir} starts with "-", so it is probably a flag that '
+      'followed an empty --workdir; give the folder for this run'
+    )
+
+
 def _make_workdir(workdir: str) -> str:
   """Create `workdir` if needed and return its absolute path."""
   path = os.path.abspath(os.path.expanduser(workdir))
@@ -150,6 +191,12 @@ def _make_workdir(workdir: str) -> str:
     ) from error
   if not os.access(path, os.W_OK):
     raise ConfigError(f'--workdir {workdir} is not writable; choose another')
+  checkpoints_path = os.path.join(path, 'checkpoints')
+  if os.path.exists(checkpoints_path) and not os.path.isdir(checkpoints_path):
+    raise ConfigError(
+      f'{checkpoints_path} is a file, where the run saves its checkpoints; '
+      'move it away or choose another --workdir'
+    )
   return path
 
 
@@ -166,10 +213,13 @@ def _prepare(
   `resources` closes.
   """
   config_lib.validate(config)
+  workdir = os.fspath(workdir)
+  _check_workdir_name(workdir)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh, '--config.batch_size')
   resume_source = _resume_source(config, workdir)
   workdir = _make_workdir(workdir)
+  _lock_workdir(workdir, resources)
   model = _build_model(config)
   builder = _prepared_builder(config)
   train_data = pipeline.load_checked_split(
@@ -424,6 +474,13 @@ def _evaluate_and_log(
     run.config.eval_split,
     time.perf_counter() - start,
   )
+  num_classes = sources.DATASET_SHAPES[run.config.dataset][0]
+  if jax.process_index() == 0 and constant_output.looks_constant(
+    metrics['loss'], metrics['accuracy'], num_classes
+  ):
+    logging.warning(
+      constant_output.warning(metrics['loss'], metrics['accuracy'], num_classes)
+    )
   record = {
     'step': step,
     'epoch': step / run.steps_per_epoch,
@@ -448,7 +505,7 @@ def _save_and_stop(run: _Run, state: steps.TrainState) -> None:
     run.total_steps,
     normalization=run.normalization,
   )
-  run.manager.wait_until_finished()
+  checkpoints.wait_for_saves(run.manager)
   raise TrainingInterrupted(
     f'stopped at step {int(state.step)}; checkpoint saved in '
     f'{run.manager.directory}: rerun the same command to resume'
@@ -605,7 +662,7 @@ def _divergence_error(
   reductions are not deterministic, it may differ by rounding, which can
   move the first non-finite block in borderline cases.
   """
-  run.manager.wait_until_finished()
+  checkpoints.wait_for_saves(run.manager)
   kept = run.manager.latest_step()
   logging.warning(
     'Training diverged at step %d; replaying the steps since the last '
@@ -779,7 +836,7 @@ def train_and_evaluate(
           eval_fn = _compile_eval(run, state)
           final = _evaluate_and_log(run, eval_fn, state)
     finally:
-      run.manager.wait_until_finished()
+      checkpoints.wait_for_saves(run.manager)
   logging.info(
     'Final %s accuracy: %.2f%% at step %d; checkpoints in %s, metrics in %s',
     config.eval_split,
@@ -809,6 +866,9 @@ def _new_folders_removed_on_error(workdir: str) -> Iterator[None]:
   new = [folder for folder in candidates if not os.path.exists(folder)]
   try:
     yield
+  except workdir_lock.WorkdirInUseError:
+    # The run that holds the directory may have created those folders.
+    raise
   except BaseException:
     for folder in new:
       # os.rmdir removes only empty folders: anything written stays.

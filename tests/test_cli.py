@@ -57,6 +57,7 @@ def test_train_mnist_reaches_accuracy(config, data_flags, tmp_path):
   ) in log
   assert 'img/s, ETA' in log
   assert 'Final test accuracy' in log
+  assert 'one prediction for every image' not in log
   final = read_metrics(tmp_path)[-1]
   assert final['step'] == SMOKE_STEPS
   assert final['eval_count'] == 10_000
@@ -341,6 +342,24 @@ def workdir_under_a_file(case):
   return case.tiny(), [f'cannot create --workdir {case.workdir}']
 
 
+def checkpoints_folder_is_a_file(case):
+  case.workdir.mkdir()
+  (case.workdir / 'checkpoints').write_text('notes')
+  return case.tiny(), [f'{case.workdir / "checkpoints"} is a file']
+
+
+def workdir_empty(case):
+  case.workdir = ''
+  return case.tiny(), ['--workdir is empty']
+
+
+def workdir_like_a_flag(case):
+  case.workdir = '--config.data_dir=/data/mnist'
+  return case.tiny(), [
+    '--workdir --config.data_dir=/data/mnist starts with "-"'
+  ]
+
+
 def checkpoint_of_other_model(case):
   case.save_checkpoint(
     model='ccp_dense', model_kwargs=ml_collections.ConfigDict({'width': 8})
@@ -375,9 +394,55 @@ def unknown_config_field(case):
   ]
 
 
+def unknown_model_kwarg(case):
+  return case.tiny('--config.model_kwargs.degree=3'), [
+    "the config has no field 'degree'"
+  ]
+
+
 def missing_config_file(case):
   args = command_for_file('experiments/mnst.py', case.workdir)
   return args, ['experiments/mnst.py', 'No such file']
+
+
+def misspelled_field_in_config_file(case):
+  config_file = case.root / 'misspelled.py'
+  config_file.write_text(
+    'from pinet_jax.config import default_config\n'
+    '\n'
+    '\n'
+    'def get_config():\n'
+    '  config = default_config()\n'
+    '  config.learnig_rate = 0.5\n'
+    '  return config\n'
+  )
+  return command_for_file(config_file, case.workdir, *case.data_flags), [
+    "unknown config field(s) ['learnig_rate']"
+  ]
+
+
+def config_file_without_defaults(case):
+  config_file = case.root / 'bare.py'
+  config_file.write_text(
+    'import ml_collections\n'
+    '\n'
+    '\n'
+    'def get_config():\n'
+    "  return ml_collections.ConfigDict({'dataset': 'mnist'})\n"
+  )
+  return command_for_file(config_file, case.workdir), [
+    "config field(s) ['augment', 'batch_size', 'checkpoint_every_steps', "
+    "'crop_padding', 'data_dir'] and ",
+    'default_config()',
+  ]
+
+
+def config_file_with_syntax_error(case):
+  config_file = case.root / 'broken.py'
+  config_file.write_text('def get_config(:\n  pass\n')
+  return command_for_file(config_file, case.workdir), [
+    f'--config file {config_file} line 1: invalid syntax'
+  ]
 
 
 BAD_INPUTS = [
@@ -397,6 +462,23 @@ BAD_INPUTS = [
     '--config.learning_rate=0', 'learning_rate must be positive, got 0.0'
   ),
   config_value('--config.batch_size=0', 'batch_size must be positive, got 0'),
+  config_value(
+    '--config.learning_rate=inf',
+    '--config.learning_rate must be a finite number, got inf',
+  ),
+  config_value(
+    '--config.momentum=nan',
+    '--config.momentum must be a finite number, got nan',
+  ),
+  config_value(
+    '--config.momentum=1.5', '--config.momentum must be in [0, 1), got 1.5'
+  ),
+  config_value(
+    '--config.model_kwargs.width=0', 'PolyNet width must be positive, got 0'
+  ),
+  misspelled_field_in_config_file,
+  config_file_without_defaults,
+  config_file_with_syntax_error,
   batch_larger_than_split,
   config_value('--config.model=resnet50', "unknown model 'resnet50'"),
   config_value('--config.dataset=svhn', "unknown dataset 'svhn'"),
@@ -418,11 +500,15 @@ BAD_INPUTS = [
   input_channels_of_other_data,
   workdir_is_a_file,
   workdir_under_a_file,
+  checkpoints_folder_is_a_file,
+  workdir_empty,
+  workdir_like_a_flag,
   checkpoint_of_other_model,
   checkpoint_of_other_batch_size,
   resume_path_missing,
   resume_path_without_checkpoint,
   unknown_config_field,
+  unknown_model_kwarg,
   missing_config_file,
 ]
 
@@ -478,3 +564,52 @@ def test_workdir_is_required():
   )
   assert result.returncode != 0
   assert 'workdir' in result.stderr
+
+
+# Imported by every Python process of the test below: the directory that
+# orbax creates for checkpoint STEP fails as on a full disk.
+FULL_DISK_AT_STEP = """
+import errno, os
+_makedirs = os.makedirs
+def makedirs(name, *args, **kwargs):
+  if 'STEP.orbax-checkpoint-tmp' in os.fspath(name):
+    raise OSError(errno.ENOSPC, 'No space left on device', os.fspath(name))
+  return _makedirs(name, *args, **kwargs)
+os.makedirs = makedirs
+"""
+
+
+# The tiny run saves after steps 15 and 30. Orbax raises the mid-run
+# failure from the next save, and the last one from the final wait.
+@pytest.mark.parametrize(
+  ('failed_step', 'kept'),
+  [
+    (15, 'no checkpoint is complete'),
+    (30, 'the latest complete checkpoint is step 15'),
+  ],
+)
+def test_failed_save_exits_with_one_line(
+  data_flags, tmp_path, failed_step, kept
+):
+  hooks = tmp_path / 'hooks'
+  hooks.mkdir()
+  (hooks / 'sitecustomize.py').write_text(
+    FULL_DISK_AT_STEP.replace('STEP', str(failed_step))
+  )
+  workdir = tmp_path / 'run'
+  result = run(
+    command('tiny', workdir, *data_flags),
+    timeout=240,
+    env={'PYTHONPATH': str(hooks)},
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.splitlines()[-1]
+  assert last.startswith(
+    f'error: saving a checkpoint into {workdir / "checkpoints"} failed: '
+    '[Errno 28] No space left on device'
+  ), last
+  assert last.endswith(kept), last
+  expected = None if failed_step == 15 else 15
+  assert (
+    checkpoints.latest_complete_step(str(workdir / 'checkpoints')) == expected
+  )

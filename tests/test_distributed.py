@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from pinet_jax import checkpoints
+from pinet_jax import checkpoints, workdir_lock
 
 from conftest import (
   REPO_ROOT,
@@ -215,3 +215,22 @@ def test_two_processes_train_and_one_process_restores(data_flags, tmp_path):
   resumed = run([*args[:-2], f'--config.num_train_steps={STEPS + 5}'])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'Resuming at step {STEPS} of {STEPS + 5}.' in resumed.stderr
+
+
+def test_locked_workdir_stops_every_process(data_flags, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  args = command('tiny', workdir, *data_flags)
+  port = free_local_port()
+  with workdir_lock.hold(str(workdir)):
+    processes = [start_process(args, rank, port) for rank in (0, 1)]
+    # Only process 0 tries the lock; process 1 learns the outcome from it
+    # instead of waiting at the next barrier until JAX's timeout.
+    for process in processes:
+      _, stderr = process.communicate(timeout=300)
+      assert process.returncode == 1, stderr[-3000:]
+      assert (
+        f'error: --workdir {workdir} is in use by another training run'
+        in stderr
+      )
+  assert list(workdir.iterdir()) == []

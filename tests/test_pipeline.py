@@ -1,9 +1,13 @@
 """The tf.data pipeline: order, reshuffling, resume, augmentation, padding."""
 
+import shutil
+
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from pinet_jax.data import pipeline
+from pinet_jax.data.raw_files import DataFileError
 
 
 def make_split(num_examples=96, size=8, channels=1):
@@ -255,3 +259,22 @@ def test_load_real_mnist_split(prepared_mnist, split, count):
   assert data.images.dtype == np.uint8
   assert data.labels.dtype == np.int32
   assert set(np.unique(data.labels)) == set(range(10))
+
+
+def test_truncated_prepared_dataset_is_named(prepared_mnist, tmp_path):
+  copy = tmp_path / 'tfds'
+  shutil.copytree(prepared_mnist.data_dir, copy / 'local_mnist' / '1.0.0')
+  record = (
+    copy / 'local_mnist' / '1.0.0' / 'local_mnist-test.tfrecord-00000-of-00001'
+  )
+  record.write_bytes(record.read_bytes()[:-1000])
+  builder = tfds.builder('local_mnist', data_dir=str(copy))
+  with pytest.raises(DataFileError) as raised:
+    pipeline.load_split(builder, 'test')
+  message = str(raised.value)
+  assert message.startswith(
+    f'the prepared dataset in {copy / "local_mnist" / "1.0.0"} is damaged'
+  )
+  assert message.endswith(
+    'delete that folder, and a run with --config.data_dir prepares it again'
+  )

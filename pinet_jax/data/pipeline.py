@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pinet_jax import preprocessing
+from pinet_jax.data.raw_files import DataFileError
 from pinet_jax.errors import ConfigError
 
 # Zero padding on each side before the random crop of the augmentation, by
@@ -66,10 +67,21 @@ def _without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> SplitArrays:
-  """Decode the tfds split `split` (slices such as 'train[:10%]' work)."""
-  images, labels = tfds.as_numpy(
-    builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-  )
+  """Decode the tfds split `split` (slices such as 'train[:10%]' work).
+
+  Raises:
+    DataFileError: a file of the prepared dataset is truncated or damaged.
+  """
+  try:
+    images, labels = tfds.as_numpy(
+      builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+    )
+  except tf.errors.DataLossError as error:
+    raise DataFileError(
+      f'the prepared dataset in {builder.data_dir} is damaged '
+      f'({error.message}); delete that folder, and a run with '
+      '--config.data_dir prepares it again'
+    ) from error
   return SplitArrays(images, labels.astype(np.int32))
 
 

@@ -80,10 +80,13 @@ class PolyNet(nn.Module):
       Logits, shape (batch, num_classes).
 
     Raises:
-      ValueError: `images` is not floating-point, not 4-D with `in_channels`
-        channels, or too small for the five blocks.
+      ValueError: `width` is not positive, or `images` is not
+        floating-point, not 4-D with `in_channels` channels, or too small
+        for the five blocks.
     """
     del train  # No layer behaves differently in training.
+    if self.width < 1:
+      raise ValueError(f'PolyNet width must be positive, got {self.width}')
     check_images(images, self.in_channels, 'PolyNet')
     x = images
     for index, spec in enumerate(POLYNET_BLOCKS, start=1):
