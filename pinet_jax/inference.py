@@ -85,7 +85,7 @@ def _checkpoints_dir(workdir: str) -> str:
   directory = os.path.join(path, CHECKPOINTS_FOLDER)
   if not os.path.isdir(directory):
     raise CheckpointError(
-      f'{workdir} is not a training work directory: it has no '
+      f'{path} is not a training work directory: it has no '
       f'{CHECKPOINTS_FOLDER}/ folder; pass the --workdir of a training run'
     )
   return directory

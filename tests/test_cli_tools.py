@@ -440,6 +440,16 @@ def test_cli_rejects_a_folder_without_a_run(command, capsys, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_names_the_folder_of_an_empty_workdir(
+  capsys, tmp_path, monkeypatch
+):
+  # An empty --workdir is the current folder; the message names it.
+  monkeypatch.chdir(tmp_path)
+  status, _, err = run_cli(capsys, 'evaluate', '--workdir=')
+  assert status == cli.EXIT_INVALID
+  assert err.startswith(f'error: {tmp_path} is not a training work directory')
+
+
 def test_cli_help_states_defaults(capsys):
   for command, expected in (
     (

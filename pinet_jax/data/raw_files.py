@@ -77,8 +77,11 @@ CIFAR10_IMAGE_SHAPE = (32, 32, 3)
 _CIFAR10_RECORD_BYTES = 1 + math.prod(CIFAR10_IMAGE_SHAPE)
 
 _REDOWNLOAD = 'Re-download the official file.'
+# The option that names the raw files' folder, in training and in the
+# pinet-jax commands.
+_DATA_OPTION = '--config.data_dir (make DATA=...; --data_dir of pinet-jax)'
 _CIFAR10_WHERE = (
-  f'Point --config.data_dir at {CIFAR10_FOLDER}, at a folder that contains '
+  f'Point {_DATA_OPTION} at {CIFAR10_FOLDER}, at a folder that contains '
   f'it, or at a folder that contains {CIFAR10_ARCHIVE}.'
 )
 
@@ -247,7 +250,7 @@ def _find_mnist_files(directory: Path, names: Sequence[str]) -> list[Path]:
     all_names = list(MNIST_FILE_NAMES)
     raise DataFileError(
       f'MNIST folder {directory} does not exist or is not a folder. Point '
-      f'--config.data_dir at the folder that contains '
+      f'{_DATA_OPTION} at the folder that contains '
       f'{", ".join(all_names)} (each plain or .gz).'
     )
   paths, missing = [], []
@@ -262,7 +265,7 @@ def _find_mnist_files(directory: Path, names: Sequence[str]) -> list[Path]:
   if missing:
     raise DataFileError(
       f'{directory} is missing the MNIST files {", ".join(missing)}. Point '
-      f'--config.data_dir at the folder that contains them.'
+      f'{_DATA_OPTION} at the folder that contains them.'
     )
   return paths
 
