@@ -144,20 +144,20 @@ def _lock_workdir(workdir: str, resources: contextlib.ExitStack) -> None:
   """Lock `workdir` until `resources` closes, or stop if a run holds it.
 
   The processes of one run share the work directory, so process 0 locks
-  it for all of them and tells the others whether it could.
+  it for all of them and broadcasts whether the lock was free.
 
   Raises:
     workdir_lock.WorkdirInUseError: another run holds the lock.
   """
-  taken = False
+  in_use = False
   if jax.process_index() == 0:
     try:
       resources.enter_context(workdir_lock.hold(workdir))
     except workdir_lock.WorkdirInUseError:
-      taken = True
+      in_use = True
   if jax.process_count() > 1:
-    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
-  if taken:
+    in_use = bool(multihost_utils.broadcast_one_to_all(np.int32(in_use)))
+  if in_use:
     raise workdir_lock.in_use_error(workdir)
 
 
@@ -867,7 +867,7 @@ def _new_folders_removed_on_error(workdir: str) -> Iterator[None]:
   try:
     yield
   except workdir_lock.WorkdirInUseError:
-    # The run that holds the directory may have created those folders.
+    # The run that has the lock may have created those folders.
     raise
   except BaseException:
     for folder in new:

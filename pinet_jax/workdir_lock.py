@@ -8,8 +8,8 @@ stops at once.
 
 NOTE: flock on a directory is checked on local Linux file systems only. A
 network file system may refuse it, which gives a warning and no lock, or
-lock only within one host; a lock file opened for writing and
-fcntl.lockf would cover NFS.
+may lock only within one host. A lock file opened for writing, locked
+with fcntl.lockf, would cover NFS.
 """
 
 import contextlib
